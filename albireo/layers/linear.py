@@ -1,0 +1,109 @@
+"""Linear layers split over the tensor-parallel group.
+
+Column-parallel layers keep a slice of the output features and need no communication; a
+row-parallel layer keeps a slice of the input features and sums partial results with one
+all-reduce. Each parameter carries a `weight_loader` that cuts its rank's slice out of a full
+checkpoint tensor, so a rank never holds more than its share.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from albireo.distributed.parallel_state import tp_all_reduce, tp_rank, tp_size
+
+
+def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(loaded.shape) != tuple(expected):
+        raise RuntimeError(f"expected shape {tuple(expected)}")
+
+
+def _parameter(*shape: int, loader) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = loader
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's rows (output features) split across ranks."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__()
+        tp = tp_size()
+        for size in output_sizes:
+            if size % tp:
+                raise ValueError(f"output size {size} is not divisible by tensor_parallel_size {tp}")
+        self.input_size = input_size
+        # Sizes of the sub-matrices as the checkpoint stores them.
+        self.full_sizes = list(output_sizes)
+        self.local_sizes = [size // tp for size in output_sizes]
+        self.weight = _parameter(sum(self.local_sizes), input_size, loader=self.load_shard)
+        self.bias = _parameter(sum(self.local_sizes), loader=self.load_shard) if bias else None
+
+    def shard_range(self, shard_id: int) -> tuple[int, int, int]:
+        """(offset in this rank's parameter, offset in the full tensor, length) of a sub-matrix."""
+        local = self.local_sizes[shard_id]
+        return sum(self.local_sizes[:shard_id]), tp_rank() * local, local
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        check_shape(loaded, (self.full_sizes[shard_id], *param.shape[1:]))
+        dst, src, length = self.shard_range(shard_id)
+        param.data.narrow(0, dst, length).copy_(loaded.narrow(0, src, length))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The fused q, k and v projections; KV heads are replicated when ranks outnumber them."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+        tp = tp_size()
+        if num_heads % tp:
+            raise ValueError(f"num_attention_heads {num_heads} is not divisible by tensor_parallel_size {tp}")
+        if num_kv_heads % tp and tp % num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads {num_kv_heads} and tensor_parallel_size {tp}: one must divide the other"
+            )
+        self.num_kv_heads_total = num_kv_heads
+        self.local_kv_heads = max(1, num_kv_heads // tp)
+        self.head_dim = head_dim
+        kv_size = self.local_kv_heads * head_dim * tp
+        super().__init__(hidden_size, [num_heads * head_dim, kv_size, kv_size], bias)
+        self.full_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+
+    def shard_range(self, shard_id: int) -> tuple[int, int, int]:
+        dst, src, length = super().shard_range(shard_id)
+        if shard_id > 0:
+            # Ranks sharing a replicated KV head read the same slice of the checkpoint.
+            first_head = tp_rank() * self.num_kv_heads_total // tp_size()
+            src = first_head * self.head_dim
+        return dst, src, length
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r W_r^T, then + b: W's columns (input features) split across ranks."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        tp = tp_size()
+        if input_size % tp:
+            raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {tp}")
+        self.local_input = input_size // tp
+        self.input_size = input_size
+        self.weight = _parameter(output_size, self.local_input, loader=self.load_weight)
+        self.bias = _parameter(output_size, loader=self.load_bias) if bias else None
+
+    def load_weight(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        check_shape(loaded, (param.shape[0], self.input_size))
+        param.data.copy_(loaded.narrow(1, tp_rank() * self.local_input, self.local_input))
+
+    def load_bias(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        check_shape(loaded, param.shape)
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tp_all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

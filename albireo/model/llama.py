@@ -1,0 +1,162 @@
+"""The Llama family in one file: Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm).
+
+The four differ only in switches read from ArchConfig, so one implementation serves them all.
+Input is a flat batch of tokens from many sequences; attention metadata says which is which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from albireo.config import ArchConfig
+from albireo.distributed.parallel_state import tp_size
+from albireo.layers.attention import Attention, AttentionMetadata
+from albireo.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from albireo.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from albireo.layers.norm import RMSNorm
+from albireo.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+        super().__init__()
+        tp = tp_size()
+        self.num_heads = arch.num_heads // tp
+        self.num_kv_heads = max(1, arch.num_kv_heads // tp)
+        self.head_dim = arch.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, bias=arch.qkv_bias
+        )
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.qk_norm = arch.qk_norm
+        self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, arch.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.local_sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, max_positions)
+        self.mlp = LlamaMLP(arch)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, max_positions) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # Checkpoint projections that live fused in one parameter here: name -> (fused name, shard).
+    fused_weights = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch, max_positions)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] for a flat batch of T tokens."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy checkpoint tensors (HF names) into this rank's parameters; fail on any gap."""
+        params = dict(self.named_parameters())
+        expected = set(params)
+        for ckpt_part, (fused, _) in self.fused_weights.items():
+            expected |= {name.replace(fused, ckpt_part) for name in params if fused in name}
+        expected -= {name for name in params if any(fused in name for fused, _ in self.fused_weights.values())}
+        for ckpt_name, tensor in weights:
+            if "rotary_emb" in ckpt_name or (ckpt_name == "lm_head.weight" and self.arch.tie_word_embeddings):
+                continue
+            name, shard = ckpt_name, None
+            for ckpt_part, (fused, shard_id) in self.fused_weights.items():
+                if f".{ckpt_part}." in name:
+                    name, shard = name.replace(ckpt_part, fused), shard_id
+                    break
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"{source}: unexpected weight {ckpt_name!r} for {self.arch.architecture}")
+            loader = getattr(param, "weight_loader", _copy_whole)
+            try:
+                with torch.no_grad():
+                    tensor = tensor.to(param.dtype)
+                    loader(param, tensor, shard) if shard is not None else loader(param, tensor)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"{source}: weight {ckpt_name!r} of shape {tuple(tensor.shape)} does not fit the model config: {e}"
+                ) from e
+            expected.discard(ckpt_name)
+        if expected:
+            raise ValueError(f"{source} is missing weights: {', '.join(sorted(expected)[:5])}")
+
+
+def _copy_whole(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise RuntimeError(f"expected shape {tuple(param.shape)}")
+    param.data.copy_(loaded)

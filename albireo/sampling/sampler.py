@@ -1,0 +1,351 @@
+"""Turns a batch of logits into next tokens, following the order of vLLM v1's sampler.
+
+Per step, for the rows that need each stage:
+  1. raw logprobs (log_softmax of the untouched logits), when any row asked for logprobs;
+  2. min_tokens: EOS and stop ids get -inf until the row has generated enough tokens;
+  3. repetition, frequency and presence penalties;
+  4. greedy rows take the argmax here;
+  5. sampled rows: temperature, min_p, top_k, top_p, then an exponential race;
+  6. logprobs of the sampled token and the top K, plus the sampled token's rank.
+
+Everything that depends on the batch's parameters is gathered once into SamplingMetadata, on the
+device, so forward() only runs tensor code; the one Python loop left is over seeded rows, each of
+which must draw its noise from its own generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from albireo.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingRow:
+    """One sequence that samples a token this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    # Tokens generated so far, before this step.
+    output_token_ids: list[int]
+    # The model's EOS ids; blocked by min_tokens unless params.ignore_eos.
+    eos_token_ids: list[int]
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [B] int64
+    # [B, K+1] int64: column 0 is the sampled token, then the top K by descending logprob.
+    logprob_token_ids: torch.Tensor | None
+    logprobs: torch.Tensor | None  # [B, K+1] float32, matching logprob_token_ids
+    sampled_ranks: torch.Tensor | None  # [B] int64, 1 = most likely
+
+
+@dataclass
+class SamplingMetadata:
+    """The batch's sampling parameters as device tensors.
+
+    An optional field is None when no row needs that stage, which is how forward() knows to skip
+    it. Per-row values that mean "off" are stored as neutral values (top_k = vocab_size,
+    top_p = 1, min_p = 0, penalties 1/0/0) so a batch mixing on and off rows needs no masking.
+    """
+
+    vocab_size: int
+    # [B] float32; greedy rows hold 1.0 so the division is harmless (their token comes from argmax).
+    temperature: torch.Tensor
+    all_greedy: bool
+    all_random: bool
+    # [B] bool, only for a batch that mixes greedy and sampled rows.
+    greedy_mask: torch.Tensor | None
+    # Filters, only when some sampled row uses them.
+    top_k: torch.Tensor | None  # [B] int64 in [1, vocab_size]
+    # Largest top_k among rows that use it, so a batch without top_p can run a partial topk.
+    max_top_k: int
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
+    # Penalties, only when some row uses them.
+    repetition_penalty: torch.Tensor | None  # [B] float32
+    frequency_penalty: torch.Tensor | None  # [B] float32
+    presence_penalty: torch.Tensor | None  # [B] float32
+    # [B, L] int64 padded with vocab_size. Prompt ids only feed the repetition penalty; output ids
+    # feed all three penalties.
+    prompt_token_ids: torch.Tensor | None
+    output_token_ids: torch.Tensor | None
+    # (row indices, token ids), both [N] int64: the logits that min_tokens sets to -inf.
+    min_tokens_block: tuple[torch.Tensor, torch.Tensor] | None
+    # Row index -> generator already seeded for this step, for seeded sampled rows.
+    generators: dict[int, torch.Generator]
+    # Largest params.logprobs in the batch; None when no row asked.
+    max_num_logprobs: int | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.temperature.shape[0]
+
+    @classmethod
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingMetadata:
+        device = torch.device(device)
+        params = [row.params for row in rows]
+        greedy = [p.greedy for p in params]
+        all_greedy = all(greedy)
+        all_random = not any(greedy)
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
+        greedy_mask = None
+        if not all_greedy and not all_random:
+            greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=device)
+
+        # Filters are irrelevant to greedy rows, so those rows never switch a filter on.
+        sampled = [p for p, g in zip(params, greedy) if not g]
+        top_k = top_p = min_p = None
+        max_top_k = vocab_size
+        if any(0 < p.top_k < vocab_size for p in sampled):
+            ks = [
+                p.top_k if 0 < p.top_k < vocab_size and not g else vocab_size for p, g in zip(params, greedy)
+            ]
+            max_top_k = max(k for k in ks if k < vocab_size)
+            top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+        if any(p.top_p < 1.0 for p in sampled):
+            top_p = floats([1.0 if g else p.top_p for p, g in zip(params, greedy)])
+        if any(p.min_p > 0.0 for p in sampled):
+            min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy)])
+
+        repetition_penalty = frequency_penalty = presence_penalty = None
+        prompt_token_ids = output_token_ids = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            repetition_penalty = floats([p.repetition_penalty for p in params])
+            prompt_token_ids = _pad_ids([row.prompt_token_ids for row in rows], vocab_size, device)
+        if any(p.frequency_penalty != 0.0 for p in params):
+            frequency_penalty = floats([p.frequency_penalty for p in params])
+        if any(p.presence_penalty != 0.0 for p in params):
+            presence_penalty = floats([p.presence_penalty for p in params])
+        if repetition_penalty is not None or frequency_penalty is not None or presence_penalty is not None:
+            output_token_ids = _pad_ids([row.output_token_ids for row in rows], vocab_size, device)
+
+        block_rows: list[int] = []
+        block_ids: list[int] = []
+        for i, row in enumerate(rows):
+            p = row.params
+            if len(row.output_token_ids) >= p.min_tokens:
+                continue
+            blocked = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                blocked.update(row.eos_token_ids)
+            # An id outside the vocabulary can never be sampled, so there is nothing to block.
+            blocked = sorted(t for t in blocked if 0 <= t < vocab_size)
+            block_rows.extend([i] * len(blocked))
+            block_ids.extend(blocked)
+        min_tokens_block = None
+        if block_ids:
+            min_tokens_block = (
+                torch.tensor(block_rows, dtype=torch.int64, device=device),
+                torch.tensor(block_ids, dtype=torch.int64, device=device),
+            )
+
+        generators: dict[int, torch.Generator] = {}
+        for i, (row, g) in enumerate(zip(rows, greedy)):
+            if row.params.seed is not None and not g:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(step_seed(row.params.seed, len(row.output_token_ids)))
+                generators[i] = gen
+
+        requested = [p.logprobs for p in params if p.logprobs is not None]
+        max_num_logprobs = min(max(requested), vocab_size) if requested else None
+
+        return cls(
+            vocab_size=vocab_size,
+            temperature=temperature,
+            all_greedy=all_greedy,
+            all_random=all_random,
+            greedy_mask=greedy_mask,
+            top_k=top_k,
+            max_top_k=max_top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            prompt_token_ids=prompt_token_ids,
+            output_token_ids=output_token_ids,
+            min_tokens_block=min_tokens_block,
+            generators=generators,
+            max_num_logprobs=max_num_logprobs,
+        )
+
+
+def _pad_ids(seqs: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    padded = [list(s) + [pad_id] * (width - len(s)) for s in seqs]
+    return torch.tensor(padded, dtype=torch.int64, device=device).view(len(seqs), width)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, num_output_tokens: int) -> int:
+    """The generator seed for a seeded row's draw at a given output length.
+
+    Deriving it from (seed, step) rather than carrying generator state from step to step keeps a
+    seeded request reproducible when it is preempted and recomputed, and independent of whatever
+    else shares its batch. Hashing both parts keeps nearby (seed, step) pairs from sharing streams.
+    """
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (num_output_tokens & _MASK64))
+
+
+def apply_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Block EOS and stop ids for rows that have not yet generated min_tokens tokens."""
+    if metadata.min_tokens_block is None:
+        return logits
+    return logits.index_put(metadata.min_tokens_block, torch.tensor(float("-inf"), device=logits.device))
+
+
+def _occurrences(ids: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row counts of each token id in padded `ids`, as a [B, vocab_size] tensor."""
+    # The padding id is vocab_size, so its counts land in one extra column that is then dropped.
+    counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=dtype, device=ids.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=dtype))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Repetition (prompt or output), frequency and presence (output only) penalties."""
+    if metadata.output_token_ids is None:
+        return logits
+    vocab_size = logits.shape[1]
+    output_counts = _occurrences(metadata.output_token_ids, vocab_size, logits.dtype)
+    in_output = output_counts > 0
+
+    if metadata.repetition_penalty is not None:
+        assert metadata.prompt_token_ids is not None
+        seen = in_output | (_occurrences(metadata.prompt_token_ids, vocab_size, logits.dtype) > 0)
+        penalty = torch.where(seen, metadata.repetition_penalty.unsqueeze(1), 1.0)
+        # Dividing a positive logit and multiplying a negative one both make the token less likely.
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+    if metadata.frequency_penalty is not None:
+        logits = logits - metadata.frequency_penalty.unsqueeze(1) * output_counts
+    if metadata.presence_penalty is not None:
+        logits = logits - metadata.presence_penalty.unsqueeze(1) * in_output.to(logits.dtype)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's largest probability."""
+    # p_i < min_p * p_max  <=>  logit_i - logit_max < log(min_p): no softmax needed, and
+    # log(0) = -inf keeps rows with min_p = 0 untouched.
+    max_logit = logits.amax(dim=1, keepdim=True)
+    drop = (logits - max_logit) < torch.log(min_p).unsqueeze(1)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, max_top_k: int
+) -> torch.Tensor:
+    """Keep each row's top_k largest logits, then its smallest nucleus reaching top_p.
+
+    Ties with the k-th largest logit are all kept.
+    """
+    if top_k is None and top_p is None:
+        return logits
+    if top_p is None:
+        # Only the k-th largest value per row matters, so a partial topk beats a full sort.
+        assert top_k is not None
+        largest = logits.topk(max_top_k, dim=1).values
+        kth = largest.gather(1, (top_k.clamp(max=max_top_k) - 1).unsqueeze(1))
+        # Rows with top_k off (stored as vocab_size) lie beyond the partial topk; keep all of theirs.
+        kth = kth.masked_fill((top_k >= logits.shape[1]).unsqueeze(1), float("-inf"))
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    sorted_logits, order = logits.sort(dim=1, descending=True)
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(dim=1)
+    # A token stays if the more likely tokens before it have not reached top_p yet; the first
+    # token always stays. Rows with top_p = 1 are exempt so rounding in the cumsum cannot cut
+    # their tail.
+    mass_before = probs.cumsum(dim=1) - probs
+    drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """One token per row with probability probs, via argmax(probs / q), q ~ Exponential(1).
+
+    The race needs no cumulative sums and no host sync, and each row's noise can come from its
+    own generator.
+    """
+    batch_size, vocab_size = probs.shape
+    noise = torch.empty_like(probs)
+    if len(generators) < batch_size:
+        noise.exponential_()
+    for i, gen in generators.items():
+        noise[i] = torch.empty(vocab_size, dtype=probs.dtype, device=probs.device).exponential_(generator=gen)
+    # A zero draw would turn a filtered token's 0 / 0 into NaN, which argmax would pick.
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=1)
+
+
+def gather_logprobs(
+    raw_logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampled token and the top num_logprobs tokens with their logprobs, and the sampled rank.
+
+    Rank counts the tokens at least as likely as the sampled one (as vLLM does), so a tie with
+    another token pushes the rank down.
+    """
+    top_logprobs, top_ids = raw_logprobs.topk(num_logprobs, dim=1)
+    sampled = sampled.unsqueeze(1)
+    sampled_logprob = raw_logprobs.gather(1, sampled)
+    ranks = (raw_logprobs >= sampled_logprob).sum(dim=1)
+    token_ids = torch.cat([sampled, top_ids], dim=1)
+    logprobs = torch.cat([sampled_logprob, top_logprobs], dim=1)
+    return token_ids, logprobs, ranks
+
+
+class Sampler(torch.nn.Module):
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        """Sample one token per row of logits [B, vocab_size]; the input tensor is not modified."""
+        assert logits.shape[1] == metadata.vocab_size, (
+            f"logits have {logits.shape[1]} columns, metadata expects vocab_size={metadata.vocab_size}"
+        )
+        logits = logits.float()
+        raw_logprobs = None
+        if metadata.max_num_logprobs is not None:
+            raw_logprobs = logits.log_softmax(dim=1)
+
+        logits = apply_min_tokens(logits, metadata)
+        logits = apply_penalties(logits, metadata)
+
+        greedy = None if metadata.all_random else logits.argmax(dim=1)
+        if metadata.all_greedy:
+            sampled = greedy
+        else:
+            sampled = self._sample(logits, metadata)
+            if greedy is not None:
+                sampled = torch.where(metadata.greedy_mask, greedy, sampled)
+
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None, None, None)
+        token_ids, logprobs, ranks = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(sampled, token_ids, logprobs, ranks)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        logits = logits / metadata.temperature.unsqueeze(1)
+        if metadata.min_p is not None:
+            logits = apply_min_p(logits, metadata.min_p)
+        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p, metadata.max_top_k)
+        return random_sample(logits.softmax(dim=1), metadata.generators)
