@@ -58,17 +58,7 @@ class ArchConfig:
 
     @classmethod
     def from_hf(cls, hf_config) -> ArchConfig:
-        archs = getattr(hf_config, "architectures", None) or []
-        if not archs:
-            # GGUF-derived configs carry model_type only.
-            archs = [
-                {
-                    "llama": "LlamaForCausalLM",
-                    "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM",
-                }.get(getattr(hf_config, "model_type", ""), str(getattr(hf_config, "model_type", "?")))
-            ]
+        archs = getattr(hf_config, "architectures", None) or [getattr(hf_config, "model_type", "?")]
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -107,6 +97,54 @@ class ArchConfig:
             eos_token_ids=eos_ids,
             bos_token_id=getattr(hf_config, "bos_token_id", None),
         )
+
+
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def arch_from_gguf(path: str) -> ArchConfig:
+    """The model shape from a GGUF file's metadata (llama.cpp's key names)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, IndexError) as e:
+        raise ValueError(f"GGUF file {path} is unreadable (truncated or corrupt): {e}") from e
+
+    def get(key: str, default=None):
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    name = get("general.architecture")
+    if name not in _GGUF_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r} in {path}: Albireo supports GGUF {', '.join(_GGUF_ARCHITECTURES)}")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError(f"{path}: GGUF rope frequency scaling (rope_freqs) is not supported")
+    num_heads = get(f"{name}.attention.head_count")
+    hidden = get(f"{name}.embedding_length")
+    eos = get("tokenizer.ggml.eos_token_id")
+    vocab = get(f"{name}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return ArchConfig(
+        architecture=_GGUF_ARCHITECTURES[name],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=get(f"{name}.feed_forward_length"),
+        num_layers=get(f"{name}.block_count"),
+        num_heads=num_heads,
+        num_kv_heads=get(f"{name}.attention.head_count_kv", num_heads),
+        head_dim=get(f"{name}.attention.key_length") or hidden // num_heads,
+        rms_norm_eps=get(f"{name}.attention.layer_norm_rms_epsilon"),
+        rope_theta=float(get(f"{name}.rope.freq_base", 10000.0)),
+        rope_scaling=None,
+        max_position_embeddings=get(f"{name}.context_length", 2048),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        sliding_window=None,
+        eos_token_ids=[] if eos is None else [eos],
+        bos_token_id=get("tokenizer.ggml.bos_token_id"),
+    )
 
 
 @dataclass
@@ -150,16 +188,16 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {self.dtype!r}")
         return names[self.dtype]
 
-    def load_hf_config(self):
+    def load_arch(self) -> ArchConfig:
+        if self.is_gguf:
+            return arch_from_gguf(self.model)
         from transformers import AutoConfig
 
-        path = Path(self.model)
         try:
-            if self.is_gguf:
-                return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-            return AutoConfig.from_pretrained(str(path))
+            hf_config = AutoConfig.from_pretrained(self.model)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot read the model config of {self.model}: {e}") from e
+        return ArchConfig.from_hf(hf_config)
 
 
 @dataclass
@@ -218,7 +256,7 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
-        self.arch = ArchConfig.from_hf(self.model.load_hf_config())
+        self.arch = self.model.load_arch()
         limit = self.arch.max_position_embeddings
         if self.arch.sliding_window:
             # Within the window, sliding-window attention is plain causal attention.
