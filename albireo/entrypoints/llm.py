@@ -37,6 +37,7 @@ class LLM:
         enable_chunked_prefill: bool = True,
         tensor_parallel_size: int = 1,
         skip_tokenizer_init: bool = False,
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model, tokenizer, load_format, dtype, max_model_len, seed, skip_tokenizer_init),
@@ -44,6 +45,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
             parallel=ParallelConfig(tensor_parallel_size),
             device=device,
+            enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine(config)
 

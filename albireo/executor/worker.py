@@ -24,14 +24,19 @@ class Worker:
         if cache.num_blocks_override is not None:
             return cache.num_blocks_override
         if self.device.type == "cuda":
+            peak = self.runner.profile_peak_memory()
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1 - cache.gpu_memory_utilization)
+            # Memory held outside this process's allocator (other processes, the CUDA context).
+            foreign = total - free - torch.cuda.memory_reserved(self.device)
+            budget = total * cache.gpu_memory_utilization - foreign - peak
         else:
             budget = cache.cpu_kv_cache_gb * 2**30
         return max(int(budget // self.runner.kv_cache_bytes_per_block()), 0)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.runner.capture_cuda_graphs()
 
     def execute_model(self, plan: SchedulerOutput) -> SampledTokens:
         return self.runner.execute(plan)

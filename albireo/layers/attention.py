@@ -3,7 +3,8 @@
 A step's tokens come flattened: sequence i owns query rows query_start_loc[i]:query_start_loc[i+1],
 which are its last tokens, and it attends to its first seq_lens[i] tokens through block_tables[i].
 Prefill, chunked prefill over a cached prefix and decode are the same computation with different
-lengths, so one call per layer serves a mixed batch.
+lengths, so one call per layer serves a mixed batch. On CUDA the Triton kernels run it; elsewhere
+the torch reference does.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from albireo.kernels import reference
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset); -1 skips the row
     query_start_loc: torch.Tensor  # [B + 1] int32
     seq_lens: torch.Tensor  # [B] int32: tokens each sequence attends to, new ones included
     block_tables: torch.Tensor  # [B, max_blocks] int32
-    # Host copies, for backends that loop over sequences.
+    max_query_len: int
+    # Host copies, for the reference backend, which loops over sequences.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
 
@@ -42,8 +44,18 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hk, D] -> [T, Hq * D]."""
-        reference.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = reference.paged_attention(
-            q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc_cpu, meta.seq_lens_cpu, self.scale
-        )
+        if q.is_cuda:
+            from albireo.kernels import triton_attention
+
+            triton_attention.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = triton_attention.paged_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                self.scale, meta.max_query_len,
+            )
+        else:
+            reference.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = reference.paged_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc_cpu, meta.seq_lens_cpu,
+                self.scale,
+            )
         return out.reshape(q.shape[0], -1)

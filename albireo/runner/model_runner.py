@@ -1,53 +1,28 @@
 """Runs one scheduled step on one device: flat inputs in, sampled tokens out.
 
-The runner keeps its own copy of every running request's tokens and blocks, updated from each
-step plan, so a plan carries only what changed (new requests, new blocks, finished ids) and the
-tokens the runner sampled itself never have to come back from the scheduler.
+The runner keeps its own copy of every running request (runner/input_batch.py), updated from
+each step plan, so a plan carries only what changed and the tokens the runner sampled never come
+back from the scheduler. Inputs are built with numpy, staged in pinned host buffers and copied into
+persistent device buffers; decode-only steps replay a CUDA graph captured at start-up for the
+nearest batch-size bucket.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
 from albireo.config import EngineConfig
-from albireo.core.scheduler import NewRequestData, SampledTokens, SchedulerOutput
+from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.layers.attention import AttentionMetadata
 from albireo.model.loader import build_model
+from albireo.runner.input_batch import InputBatch, RunnerRequest
 from albireo.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
-from albireo.sampling_params import SamplingParams
 
 
-@dataclass
-class RunnerRequest:
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    sampling_params: SamplingParams
-    eos_token_ids: list[int]
-    block_ids: list[int]
-    num_computed_tokens: int
-
-    @classmethod
-    def from_new(cls, new: NewRequestData) -> RunnerRequest:
-        return cls(
-            list(new.prompt_token_ids),
-            list(new.output_token_ids),
-            new.sampling_params,
-            new.eos_token_ids,
-            list(new.block_ids),
-            new.num_computed_tokens,
-        )
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    def token_slice(self, start: int, end: int) -> list[int]:
-        n = len(self.prompt_token_ids)
-        if end <= n:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+def graph_batch_sizes(max_size: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_size + 1, 16))
+    return sorted({s for s in sizes if s <= max_size} | {max_size})
 
 
 class ModelRunner:
@@ -55,108 +30,210 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.block_size = config.cache.block_size
+        self.dtype = config.model.torch_dtype(device)
         self.model = build_model(config.model, config.arch, device, config.max_model_len)
         self.sampler = Sampler()
-        self.requests: dict[str, RunnerRequest] = {}
+        self.max_num_reqs = config.scheduler.max_num_seqs
+        self.batch = InputBatch(self.max_num_reqs, config.max_model_len, self.block_size)
         self.kv_cache: torch.Tensor | None = None
+
+        max_tokens = max(config.scheduler.max_num_batched_tokens, self.max_num_reqs)
+        on_gpu = device.type == "cuda"
+
+        def buffers(shape, dtype):
+            """A persistent device buffer and its host staging twin (pinned on CUDA)."""
+            host = torch.zeros(shape, dtype=dtype, pin_memory=on_gpu)
+            return (torch.zeros(shape, dtype=dtype, device=device) if on_gpu else host), host
+
+        self.input_ids, self.input_ids_host = buffers(max_tokens, torch.int64)
+        self.positions, self.positions_host = buffers(max_tokens, torch.int64)
+        self.slot_mapping, self.slot_mapping_host = buffers(max_tokens, torch.int64)
+        self.seq_lens, self.seq_lens_host = buffers(self.max_num_reqs, torch.int32)
+        self.query_start_loc, self.query_start_loc_host = buffers(self.max_num_reqs + 1, torch.int32)
+        self.block_tables, self.block_tables_host = buffers((self.max_num_reqs, self.batch.max_blocks), torch.int32)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     # ---- KV cache ----------------------------------------------------------------------------------
 
     def kv_cache_bytes_per_block(self) -> int:
-        layer = self.model.attention_layers()[0]
-        dtype_size = torch.empty(0, dtype=self.config.model.torch_dtype(self.device)).element_size()
-        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * dtype_size
-        return per_layer * len(self.model.attention_layers())
+        layers = self.model.attention_layers()
+        per_layer = 2 * self.block_size * layers[0].num_kv_heads * layers[0].head_dim * self.dtype.itemsize
+        return per_layer * len(layers)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         layers = self.model.attention_layers()
-        first = layers[0]
-        self.kv_cache = torch.zeros(
-            len(layers), 2, num_blocks, self.block_size, first.num_kv_heads, first.head_dim,
-            dtype=self.config.model.torch_dtype(self.device), device=self.device,
-        )
+        shape = (len(layers), 2, num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    @torch.inference_mode()
+    def profile_peak_memory(self) -> int:
+        """Peak bytes a largest prefill step and a largest sampling step need, on a throwaway cache."""
+        cfg = self.config
+        num_tokens = min(cfg.scheduler.max_num_batched_tokens, cfg.max_model_len)
+        self.init_kv_cache(-(-num_tokens // self.block_size))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = num_tokens
+        self.batch.block_table[0, : -(-n // self.block_size)] = np.arange(-(-n // self.block_size))
+        meta = self._stage(np.array([0]), np.array([0]), np.array([n]))
+        hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
+        logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
+        torch.softmax(logits, dim=-1).sort(dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        for layer in self.model.attention_layers():
+            layer.k_cache = layer.v_cache = None
+        self.kv_cache = None
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- CUDA graphs --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, max_batch_size: int = 512) -> None:
+        """Capture the decode forward (through the LM head) for each batch-size bucket."""
+        sizes = graph_batch_sizes(min(max_batch_size, self.max_num_reqs))
+        self.seq_lens.zero_()
+        self.query_start_loc.zero_()
+        self.slot_mapping.fill_(-1)
+        pool = None
+        for size in reversed(sizes):
+            meta = self._decode_metadata(size)
+            self._decode_forward(size, meta)  # compile and warm up outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_forward(size, meta)
+            pool = graph.pool()
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+
+    def _decode_metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            max_query_len=1,
+            query_start_loc_cpu=[],
+            seq_lens_cpu=[],
+        )
+
+    def _decode_forward(self, size: int, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
+        return self.model.compute_logits(hidden)
 
     # ---- one step ---------------------------------------------------------------------------------
 
     def _apply_plan(self, plan: SchedulerOutput) -> None:
         for req_id in plan.finished_req_ids:
-            self.requests.pop(req_id, None)
+            self.batch.remove(req_id)
         for new in plan.new_requests:
-            self.requests[new.req_id] = RunnerRequest.from_new(new)
+            self.batch.add(new)
         for cached in plan.cached_requests:
-            state = self.requests[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+            self.batch.add_blocks(cached.req_id, cached.new_block_ids)
+            self.batch.requests[cached.req_id].num_computed_tokens = cached.num_computed_tokens
+
+    def _stage(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, pad_to: int | None = None):
+        """Build the flat inputs on the host, copy them to the device buffers; returns the metadata.
+
+        With pad_to, the batch is padded to that many one-token sequences that attend to nothing.
+        """
+        token_ids, positions, slots = self.batch.gather(rows, starts, counts)
+        num_tokens, num_reqs = len(token_ids), len(rows)
+        seq_lens = (starts + counts).astype(np.int32)
+        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+        np.cumsum(counts, out=query_start_loc[1:])
+        width = int(-(-seq_lens.max() // self.block_size))
+        # A captured graph reads its block table rows up to each seq_len only, so the stale columns
+        # past `width` and the stale rows past the real requests are never seen.
+        padded_reqs = padded_tokens = pad_to if pad_to is not None else num_reqs
+        if pad_to is None:
+            padded_tokens = num_tokens
+
+        host = [self.input_ids_host, self.positions_host, self.slot_mapping_host]
+        for buf, values in zip(host, (token_ids, positions, slots)):
+            arr = buf.numpy()
+            arr[:num_tokens] = values
+            arr[num_tokens:padded_tokens] = -1 if buf is self.slot_mapping_host else 0
+        seq_host, qsl_host = self.seq_lens_host.numpy(), self.query_start_loc_host.numpy()
+        seq_host[:num_reqs] = seq_lens
+        seq_host[num_reqs:padded_reqs] = 0
+        qsl_host[: num_reqs + 1] = query_start_loc
+        qsl_host[num_reqs + 1 : padded_reqs + 1] = num_tokens
+        tables = self.block_tables_host.numpy()
+        tables[:num_reqs, :width] = self.batch.block_table[rows, :width]
+
+        if self.device.type == "cuda":
+            for dst, src, n in (
+                (self.input_ids, self.input_ids_host, padded_tokens),
+                (self.positions, self.positions_host, padded_tokens),
+                (self.slot_mapping, self.slot_mapping_host, padded_tokens),
+                (self.seq_lens, self.seq_lens_host, padded_reqs),
+                (self.query_start_loc, self.query_start_loc_host, padded_reqs + 1),
+            ):
+                dst[:n].copy_(src[:n], non_blocking=True)
+            self.block_tables[:num_reqs, :width].copy_(self.block_tables_host[:num_reqs, :width], non_blocking=True)
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:padded_tokens],
+            query_start_loc=self.query_start_loc[: padded_reqs + 1],
+            seq_lens=self.seq_lens[:padded_reqs],
+            block_tables=self.block_tables[:padded_reqs, :width],
+            max_query_len=int(counts.max()),
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> SampledTokens:
         self._apply_plan(plan)
         if plan.is_empty:
             return SampledTokens([], [])
-
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        block_tables: list[list[int]] = []
-        sample_rows: list[int] = []  # index into the batch of each sequence that samples
-        sampling_ids: list[str] = []
-        bs = self.block_size
-        for i, (req_id, n) in enumerate(plan.num_scheduled_tokens.items()):
-            state = self.requests[req_id]
-            start = state.num_computed_tokens
-            end = start + n
-            input_ids.extend(state.token_slice(start, end))
-            positions.extend(range(start, end))
-            slots.extend(state.block_ids[p // bs] * bs + p % bs for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(end)
-            block_tables.append(state.block_ids)
-            state.num_computed_tokens = end
-            if end == state.num_tokens:  # the last known token is in: the next one can be sampled
-                sample_rows.append(i)
-                sampling_ids.append(req_id)
-
-        device = self.device
-        width = max(len(b) for b in block_tables)
-        table = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=table.to(device),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=device),
-            torch.tensor(positions, dtype=torch.int64, device=device),
-            meta,
-        )
-        if not sample_rows:
+        req_ids = list(plan.num_scheduled_tokens)
+        states = [self.batch.requests[r] for r in req_ids]
+        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
+        starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
+        counts = np.fromiter(plan.num_scheduled_tokens.values(), dtype=np.int64, count=len(states))
+        for state, n in zip(states, counts.tolist()):
+            state.num_computed_tokens += n
+        # A request samples when its last known token is in this step.
+        samples = [i for i, s in enumerate(states) if s.num_computed_tokens == s.num_tokens]
+        if not samples:
+            self._forward_eager(rows, starts, counts)
             return SampledTokens([], [])
-        last_token_rows = torch.tensor([query_start_loc[i + 1] - 1 for i in sample_rows], device=device)
-        logits = self.model.compute_logits(hidden[last_token_rows])
-        return self._sample(logits, sampling_ids)
 
-    def _sample(self, logits: torch.Tensor, req_ids: list[str]) -> SampledTokens:
-        states = [self.requests[r] for r in req_ids]
+        graph_size = self._graph_size(len(states)) if int(counts.max()) == 1 else None
+        if graph_size is not None:
+            self._stage(rows, starts, counts, pad_to=graph_size)
+            graph, graph_logits = self.graphs[graph_size]
+            graph.replay()
+            logits = graph_logits[: len(states)]
+        else:
+            hidden = self._forward_eager(rows, starts, counts)
+            last = torch.as_tensor(np.cumsum(counts)[samples] - 1, device=self.device)
+            logits = self.model.compute_logits(hidden[last])
+        return self._sample(logits, [req_ids[i] for i in samples], [states[i] for i in samples])
+
+    def _graph_size(self, num_reqs: int) -> int | None:
+        return next((size for size in sorted(self.graphs) if size >= num_reqs), None)
+
+    def _forward_eager(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+        meta = self._stage(rows, starts, counts)
+        n = int(counts.sum())
+        return self.model(self.input_ids[:n], self.positions[:n], meta)
+
+    def _sample(self, logits: torch.Tensor, req_ids: list[str], states: list[RunnerRequest]) -> SampledTokens:
         rows = [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids) for s in states]
         metadata = SamplingMetadata.build(rows, logits.shape[-1], logits.device)
         out = self.sampler(logits, metadata)
         token_ids = out.sampled_token_ids.tolist()
         for state, token_id in zip(states, token_ids):
-            state.output_token_ids.append(token_id)
+            self.batch.append_token(state, token_id)
         logprobs = None
         if out.logprobs is not None:
             ids, lps, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist()
-            logprobs = [
-                None if s.sampling_params.logprobs is None else (
-                    ids[i][: s.sampling_params.logprobs + 1], lps[i][: s.sampling_params.logprobs + 1], ranks[i]
-                )
-                for i, s in enumerate(states)
-            ]
+            logprobs = []
+            for i, s in enumerate(states):
+                k = s.sampling_params.logprobs
+                logprobs.append(None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]))
         return SampledTokens(req_ids, token_ids, logprobs)

@@ -1,0 +1,56 @@
+"""End-to-end latency of a batch (default: one request), and milliseconds per output token."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from albireo.bench.record import EnergyMeter
+from albireo.bench.throughput import random_prompts
+from albireo.sampling_params import SamplingParams
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="W3")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--warmup-iters", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--out-dir", default="benchmarks/results")
+
+
+def run(args: argparse.Namespace, llm) -> dict:
+    engine = llm.engine
+    prompts = random_prompts(args.batch_size, args.input_len, engine.config.arch.vocab_size)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
+    for _ in range(args.warmup_iters):
+        llm.generate(prompts, params, use_tqdm=False)
+    meter = EnergyMeter(engine.config.parallel.tensor_parallel_size)
+    meter.start()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+    joules = meter.stop()
+    median = statistics.median(times)
+    record = {
+        "workload": args.workload,
+        "model": args.model_name,
+        "tp": engine.config.parallel.tensor_parallel_size,
+        "async_scheduling": False,
+        "cuda_graphs": not engine.config.enforce_eager,
+        "batch_size": args.batch_size,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "iters": args.iters,
+        "seconds_per_request": median,
+        "seconds_per_request_all": times,
+        "ms_per_output_token": median / args.output_len * 1000,
+        "joules_per_output_token": None if joules is None else joules / (args.iters * args.batch_size * args.output_len),
+    }
+    print(f"{args.workload}: {median:.3f} s per request (median of {args.iters}), "
+          f"{record['ms_per_output_token']:.2f} ms per output token")
+    return record

@@ -1,0 +1,68 @@
+"""Benchmark records: one JSON file per run under benchmarks/results/, and an NVML energy meter."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_record(record: dict, out_dir: str | Path) -> Path:
+    """Add the run's context (device, torch, commit, date) and write it; returns the path."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        **record,
+        "device": device_name(),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": now.isoformat(timespec="seconds"),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{record.get('workload', 'run')}-{record.get('model', 'model')}-tp{record.get('tp', 1)}-{now:%Y%m%dT%H%M%S}.json"
+    path = out / name
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+class EnergyMeter:
+    """Joules used by the given GPUs between start() and stop(), from NVML's total-energy counter."""
+
+    def __init__(self, num_gpus: int = 1) -> None:
+        self.handles = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(num_gpus)]
+            self._read = pynvml.nvmlDeviceGetTotalEnergyConsumption
+        except Exception:  # no NVML (CPU machine, or the library is missing): energy is not reported
+            self.handles = []
+        self.start_mj: list[int] = []
+
+    def _now(self) -> list[int]:
+        return [self._read(h) for h in self.handles]
+
+    def start(self) -> None:
+        if self.handles:
+            self.start_mj = self._now()
+
+    def stop(self) -> float | None:
+        if not self.handles:
+            return None
+        return sum(b - a for a, b in zip(self.start_mj, self._now())) / 1000.0

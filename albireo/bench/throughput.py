@@ -1,0 +1,62 @@
+"""Offline throughput: N random-token prompts of fixed lengths, all submitted at once, ignore_eos."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from albireo.bench.record import EnergyMeter, write_record
+from albireo.sampling_params import SamplingParams
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="custom", help="a tag for the record, e.g. W1, W2, W5")
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--out-dir", default="benchmarks/results")
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, vocab_size - 100, size=(num, length)).tolist()
+
+
+def run(args: argparse.Namespace, llm) -> dict:
+    engine = llm.engine
+    prompts = random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
+    # Warm-up: compile kernels and touch every code path once, outside the timed region.
+    llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+
+    meter = EnergyMeter(engine.config.parallel.tensor_parallel_size)
+    meter.start()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    joules = meter.stop()
+
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    record = {
+        "workload": args.workload,
+        "model": args.model_name,
+        "tp": engine.config.parallel.tensor_parallel_size,
+        "async_scheduling": False,
+        "cuda_graphs": not engine.config.enforce_eager,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "max_num_seqs": engine.config.scheduler.max_num_seqs,
+        "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
+        "elapsed_s": elapsed,
+        "output_tokens_per_s": num_out / elapsed,
+        "total_tokens_per_s": (num_out + args.num_prompts * args.input_len) / elapsed,
+        "requests_per_s": args.num_prompts / elapsed,
+        "num_preemptions": engine.core.scheduler.num_preemptions,
+        "joules_per_output_token": None if joules is None else joules / num_out,
+    }
+    print(f"{args.workload}: {record['output_tokens_per_s']:.1f} output tokens/s, "
+          f"{record['requests_per_s']:.2f} requests/s, {elapsed:.2f} s")
+    return record

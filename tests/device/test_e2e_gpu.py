@@ -1,0 +1,64 @@
+"""End to end on the GPU: outputs against transformers, CUDA graphs against eager (run on the H100)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from albireo import LLM, SamplingParams
+from albireo.config import default_model_path
+from conftest import hf_greedy, random_prompts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def test_tiny_model_float32_on_gpu_equals_transformers(tiny_model):
+    path = tiny_model("qwen2")
+    prompts = random_prompts(8, seed=21)
+    llm = LLM(path, dtype="float32", gpu_memory_utilization=0.3)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, 24)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model, name):
+    path = tiny_model(name)
+    prompts = random_prompts(37, seed=5)  # 37 rows: padded to a graph bucket of 48
+    eager = LLM(path, enforce_eager=True, gpu_memory_utilization=0.3).generate(prompts, GREEDY, use_tqdm=False)
+    graphs = LLM(path, gpu_memory_utilization=0.3).generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in graphs] == [o.outputs[0].token_ids for o in eager]
+
+
+def test_default_model_float32_on_gpu_equals_transformers():
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(dtype="float32", gpu_memory_utilization=0.3)
+    prompt_ids = llm.get_tokenizer().encode(llm.apply_chat_template(QUESTION), add_special_tokens=False)
+    ours = llm.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]
+    path = Path(default_model_path())
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
+    assert ours.outputs[0].token_ids == ref[0, len(prompt_ids):].tolist()
+    assert "Paris" in ours.outputs[0].text
+
+
+def test_default_model_bfloat16_matches_float32_for_20_tokens_on_most_prompts():
+    """bf16 rounding may flip a near-tie late in a sequence; the first 20 tokens must agree on >= 80%."""
+    questions = [
+        "What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
+        "Who wrote Romeo and Juliet?", "What is the boiling point of water in Celsius?",
+        "Translate 'good morning' to Spanish.", "What planet is known as the red planet?",
+        "Give me a synonym for happy.", "What is the largest ocean on Earth?", "How many legs does a spider have?",
+    ]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    fp32 = LLM(dtype="float32", gpu_memory_utilization=0.3).chat(convs, params, use_tqdm=False)
+    bf16 = LLM(dtype="bfloat16", gpu_memory_utilization=0.3).chat(convs, params, use_tqdm=False)
+    same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(fp32, bf16))
+    print(f"bf16 equals fp32 for 20 tokens on {same}/{len(questions)} prompts")
+    assert same >= 8

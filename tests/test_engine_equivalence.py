@@ -1,0 +1,73 @@
+"""Engine features that must not change what is generated: prefix caching, chunked prefill, preemption."""
+
+import pytest
+
+from albireo import LLM, SamplingParams
+from conftest import random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def shared_prefix_prompts() -> list[list[int]]:
+    """Prompts that share long prefixes (so the prefix cache hits) mixed with unrelated ones."""
+    system = random_prompts(1, seed=7, min_len=40, max_len=40)[0]
+    tails = random_prompts(6, seed=8, min_len=1, max_len=30)
+    return [system + t for t in tails] + random_prompts(4, seed=9, min_len=20, max_len=70)
+
+
+def run(path: str, prompts, params=GREEDY, **engine_args) -> tuple[list[list[int]], LLM]:
+    llm = LLM(path, **engine_args)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], llm
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model):
+    path = tiny_model("llama")
+    tokens, _ = run(path, shared_prefix_prompts(), enable_prefix_caching=False, enable_chunked_prefill=False,
+                    max_num_batched_tokens=2048)
+    return path, tokens
+
+
+def test_prefix_caching_gives_same_tokens_and_hits(baseline):
+    path, expected = baseline
+    tokens, llm = run(path, shared_prefix_prompts(), enable_prefix_caching=True, max_num_seqs=2)
+    assert tokens == expected
+    assert llm.engine.core.scheduler.kv.num_prefix_hits > 0
+
+
+def test_chunked_prefill_gives_same_tokens(baseline):
+    path, expected = baseline
+    tokens, llm = run(path, shared_prefix_prompts(), enable_chunked_prefill=True, max_num_batched_tokens=16,
+                      enable_prefix_caching=False)
+    assert tokens == expected
+
+
+def test_chunked_prefill_with_prefix_caching_gives_same_tokens(baseline):
+    path, expected = baseline
+    tokens, _ = run(path, shared_prefix_prompts(), enable_chunked_prefill=True, max_num_batched_tokens=24)
+    assert tokens == expected
+
+
+def test_tiny_kv_pool_preempts_and_gives_same_tokens(baseline):
+    path, expected = baseline
+    # 16 blocks of 16 tokens: enough for one 256-token sequence, far too few for ten at once.
+    tokens, llm = run(path, shared_prefix_prompts(), num_kv_blocks=16, max_model_len=256)
+    assert tokens == expected
+    assert llm.engine.core.scheduler.num_preemptions > 0
+
+
+def test_preemption_with_seeded_sampling_gives_same_tokens(tiny_model):
+    path = tiny_model("llama")
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=24, ignore_eos=True)
+    prompts = shared_prefix_prompts()
+    expected, _ = run(path, prompts, params)
+    tokens, llm = run(path, prompts, params, num_kv_blocks=16, max_model_len=256, enable_prefix_caching=False)
+    assert tokens == expected
+    assert llm.engine.core.scheduler.num_preemptions > 0
+
+
+def test_block_size_does_not_change_tokens(baseline):
+    path, expected = baseline
+    tokens, _ = run(path, shared_prefix_prompts(), block_size=4)
+    assert tokens == expected
