@@ -169,6 +169,12 @@ class ModelConfig:
         path = Path(self.model)
         if not path.exists():
             raise FileNotFoundError(f"model path {self.model} does not exist (no hub downloads: pass a local path)")
+        # Checked here because transformers takes a path it cannot find for a hub id and retries the
+        # network for most of a minute before failing.
+        if self.tokenizer is not None and not Path(self.tokenizer).exists():
+            raise FileNotFoundError(
+                f"tokenizer path {self.tokenizer} does not exist (no hub downloads: pass a local path)"
+            )
         if self.load_format == "auto":
             self.load_format = "gguf" if path.suffix == ".gguf" else "safetensors"
         if self.load_format != "gguf" and not (path / "config.json").is_file():
@@ -249,6 +255,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"
+    # Run decode steps eagerly instead of replaying CUDA graphs.
+    enforce_eager: bool = False
     arch: ArchConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -256,6 +264,9 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            # Otherwise the first allocation fails deep inside torch with an unrelated-looking error.
+            raise ValueError("device is cuda, but CUDA is not available here: use device cpu or auto")
         self.arch = self.model.load_arch()
         limit = self.arch.max_position_embeddings
         if self.arch.sliding_window:

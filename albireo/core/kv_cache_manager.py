@@ -117,8 +117,6 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.num_prefix_queries += request.num_tokens
-        self.num_prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
@@ -143,7 +141,10 @@ class KVCacheManager:
         blocks.extend(computed_blocks)
         blocks.extend(new_blocks)
         if request.request_id not in self.req_num_registered:
+            # Admission: count the prefix lookup once, whatever retries preceded it.
             self.req_num_registered[request.request_id] = len(computed_blocks)
+            self.num_prefix_queries += request.num_tokens
+            self.num_prefix_hits += len(computed_blocks) * self.block_size
         self._register_full_blocks(request, total_tokens)
         return new_blocks
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from albireo.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from albireo.entrypoints.llm import LLM
+
+# The output budget when --max-tokens is not given, cut to the room the prompt leaves: a default
+# the user never typed must not make a prompt fail on a model with a short context.
+DEFAULT_MAX_TOKENS = 256
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +38,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument(
+        "--max-tokens", type=int, default=None,
+        help=f"default: {DEFAULT_MAX_TOKENS}, or fewer where the prompt leaves less room in the context",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -63,7 +75,7 @@ def build_llm(args: argparse.Namespace):
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
-        max_tokens=args.max_tokens,
+        max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -74,6 +86,17 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def fit_default_max_tokens(
+    args: argparse.Namespace, llm: LLM, params: SamplingParams, prompt: str, add_special_tokens: bool
+) -> SamplingParams:
+    """params for one prompt: without --max-tokens, the default budget cut to the context's room."""
+    if args.max_tokens is not None:
+        return params
+    room = llm.engine.max_model_len - len(llm.engine.tokenize(prompt, add_special_tokens))
+    # With no room at all the prompt itself is too long; validation says so, naming the prompt.
+    return replace(params, max_tokens=max(1, min(params.max_tokens, room)))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     params = sampling_from_args(args)
     llm = build_llm(args)
@@ -82,9 +105,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("no prompt: pass one as an argument or on standard input")
     use_template = not args.no_chat_template and bool(getattr(llm.get_tokenizer(), "chat_template", None))
     if use_template:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=len(prompts) > 1)
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        # Rendered here only to count tokens; the template spells out the special tokens itself.
+        per_prompt = [
+            fit_default_max_tokens(args, llm, params, llm.apply_chat_template(c), add_special_tokens=False)
+            for c in conversations
+        ]
+        outputs = llm.chat(conversations, per_prompt, use_tqdm=len(prompts) > 1)
     else:
-        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+        per_prompt = [fit_default_max_tokens(args, llm, params, p, add_special_tokens=True) for p in prompts]
+        outputs = llm.generate(prompts, per_prompt, use_tqdm=len(prompts) > 1)
     for prompt, out in zip(prompts, outputs):
         if len(prompts) > 1:
             print(f"### {prompt}")
@@ -110,7 +140,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": line.strip()})
         prompt = llm.apply_chat_template(messages)
         request_id = engine.new_request_id()
-        engine.add_request(request_id, prompt, params, add_special_tokens=False)
+        turn_params = fit_default_max_tokens(args, llm, params, prompt, add_special_tokens=False)
+        engine.add_request(request_id, prompt, turn_params, add_special_tokens=False)
         printed = 0
         reply = None
         while reply is None or not reply.finished:
