@@ -6,7 +6,7 @@ import argparse
 import statistics
 import time
 
-from albireo.bench.record import EnergyMeter
+from albireo.bench.record import EnergyMeter, engine_facts
 from albireo.bench.throughput import random_prompts
 from albireo.sampling_params import SamplingParams
 
@@ -37,14 +37,8 @@ def run(args: argparse.Namespace, llm) -> dict:
     joules = meter.stop()
     median = statistics.median(times)
     record = {
-        "workload": args.workload,
-        "model": args.model_name,
-        "tp": engine.config.parallel.tensor_parallel_size,
-        "async_scheduling": False,
-        "cuda_graphs": not engine.config.enforce_eager,
+        **engine_facts(llm, args),
         "batch_size": args.batch_size,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
         "iters": args.iters,
         "seconds_per_request": median,
         "seconds_per_request_all": times,

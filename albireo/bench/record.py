@@ -22,6 +22,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def engine_facts(llm, args) -> dict:
+    """The record fields that describe the engine a benchmark ran on."""
+    config = llm.engine.config
+    return {
+        "workload": args.workload,
+        "model": args.model_name,
+        "tp": config.parallel.tensor_parallel_size,
+        "async_scheduling": False,
+        "cuda_graphs": config.device == "cuda" and not config.enforce_eager,
+        "max_num_seqs": config.scheduler.max_num_seqs,
+        "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+    }
+
+
 def write_record(record: dict, out_dir: str | Path) -> Path:
     """Add the run's context (device, torch, commit, date) and write it; returns the path."""
     now = datetime.datetime.now(datetime.timezone.utc)

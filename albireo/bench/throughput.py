@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from albireo.bench.record import EnergyMeter, write_record
+from albireo.bench.record import EnergyMeter, engine_facts
 from albireo.sampling_params import SamplingParams
 
 
@@ -40,16 +40,8 @@ def run(args: argparse.Namespace, llm) -> dict:
 
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     record = {
-        "workload": args.workload,
-        "model": args.model_name,
-        "tp": engine.config.parallel.tensor_parallel_size,
-        "async_scheduling": False,
-        "cuda_graphs": not engine.config.enforce_eager,
+        **engine_facts(llm, args),
         "num_prompts": args.num_prompts,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "max_num_seqs": engine.config.scheduler.max_num_seqs,
-        "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
         "elapsed_s": elapsed,
         "output_tokens_per_s": num_out / elapsed,
         "total_tokens_per_s": (num_out + args.num_prompts * args.input_len) / elapsed,

@@ -34,6 +34,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +71,8 @@ def build_llm(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill,
         tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
+        skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),
     )
 
 
@@ -155,6 +158,20 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply.outputs[0].text})
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from albireo.bench import latency, throughput
+    from albireo.bench.record import write_record
+
+    module = {"throughput": throughput, "latency": latency}[args.bench]
+    path = Path(args.model or "smollm2-135m.gguf")
+    args.model_name = args.model_name or (path.stem if path.suffix == ".gguf" else path.name)
+    llm = build_llm(args)
+    record = module.run(args, llm)
+    print(f"record: {write_record(record, args.out_dir)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="albireo", description="Albireo LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +188,20 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON records to benchmarks/results/")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from albireo.bench import latency, throughput
+
+    for name, module, text in (
+        ("throughput", throughput, "offline throughput on random-token prompts (dummy weights welcome)"),
+        ("latency", latency, "end-to-end latency of one batch"),
+    ):
+        p = bench_sub.add_parser(name, help=text)
+        module.add_args(p)
+        p.add_argument("--model-name", default=None, help="the shape's name in the record (default: the model path's)")
+        add_engine_args(p)
+        p.set_defaults(func=cmd_bench, skip_tokenizer_init=True)
 
     args = parser.parse_args(argv)
     try:
