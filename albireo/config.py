@@ -257,6 +257,8 @@ class EngineConfig:
     device: str = "auto"
     # Run decode steps eagerly instead of replaying CUDA graphs.
     enforce_eager: bool = False
+    # Fused Triton RMSNorm/RoPE/SiLU-and-mul on CUDA instead of the torch versions.
+    fused_kernels: bool = True
     arch: ArchConfig = field(init=False)
 
     def __post_init__(self) -> None:

@@ -35,6 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
+    g.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                   help="torch instead of the fused Triton norm/RoPE/activation kernels")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +74,7 @@ def build_llm(args: argparse.Namespace):
         enable_chunked_prefill=args.enable_chunked_prefill,
         tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager,
+        fused_kernels=args.fused_kernels,
         skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),
     )
 

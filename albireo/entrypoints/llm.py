@@ -38,6 +38,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         skip_tokenizer_init: bool = False,
         enforce_eager: bool = False,
+        fused_kernels: bool = True,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model, tokenizer, load_format, dtype, max_model_len, seed, skip_tokenizer_init),
@@ -46,6 +47,7 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size),
             device=device,
             enforce_eager=enforce_eager,
+            fused_kernels=fused_kernels,
         )
         self.engine = LLMEngine(config)
 

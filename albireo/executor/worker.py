@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from albireo import kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.runner.model_runner import ModelRunner
@@ -16,6 +17,7 @@ class Worker:
         self.device = torch.device("cuda", rank) if config.device == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        kernels.use_fused = config.fused_kernels
         self.runner = ModelRunner(config, self.device)
 
     def available_kv_blocks(self) -> int:

@@ -62,3 +62,13 @@ def test_default_model_bfloat16_matches_float32_for_20_tokens_on_most_prompts():
     same = sum(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(fp32, bf16))
     print(f"bf16 equals fp32 for 20 tokens on {same}/{len(questions)} prompts")
     assert same >= 8
+
+
+def test_fused_kernels_give_the_same_tokens_as_torch(tiny_model):
+    path = tiny_model("qwen3")
+    prompts = random_prompts(16, seed=8)
+    fused = LLM(path, dtype="float32", gpu_memory_utilization=0.3).generate(prompts, GREEDY, use_tqdm=False)
+    plain = LLM(path, dtype="float32", fused_kernels=False, gpu_memory_utilization=0.3).generate(
+        prompts, GREEDY, use_tqdm=False
+    )
+    assert [o.outputs[0].token_ids for o in fused] == [o.outputs[0].token_ids for o in plain]
