@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
@@ -21,7 +22,8 @@ from albireo.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
 
 
 def graph_batch_sizes(max_size: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, max_size + 1, 16))
+    """Decode batch sizes that get a graph: a batch is padded up to the next one."""
+    sizes = [1, 2, 4, 8, *range(16, 257, 16), *range(320, 1025, 64)]
     return sorted({s for s in sizes if s <= max_size} | {max_size})
 
 
@@ -91,14 +93,14 @@ class ModelRunner:
     # ---- CUDA graphs --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def capture_cuda_graphs(self, max_batch_size: int = 512) -> None:
+    def capture_cuda_graphs(self) -> None:
         """Capture the decode forward (through the LM head) for each batch-size bucket."""
-        sizes = graph_batch_sizes(min(max_batch_size, self.max_num_reqs))
+        sizes = graph_batch_sizes(self.max_num_reqs)
         self.seq_lens.zero_()
         self.query_start_loc.zero_()
         self.slot_mapping.fill_(-1)
         pool = None
-        for size in reversed(sizes):
+        for size in tqdm(list(reversed(sizes)), desc="Capturing CUDA graphs", unit="graph"):
             meta = self._decode_metadata(size)
             self._decode_forward(size, meta)  # compile and warm up outside the capture
             graph = torch.cuda.CUDAGraph()
