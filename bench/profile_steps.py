@@ -1,0 +1,64 @@
+"""Profile engine steps on the GPU: which kernels take the time, and how busy the GPU is.
+
+Runs a throughput-style workload with dummy weights, skips the first steps, profiles the next
+ones with torch.profiler and prints the kernel table plus wall time vs GPU-busy time per step.
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from albireo import LLM, SamplingParams
+from albireo.bench.throughput import random_prompts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--skip-steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    llm = LLM(args.model, load_format="dummy", max_model_len=2048, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, skip_tokenizer_init=True)
+    engine = llm.engine
+    llm.generate(random_prompts(4, 16, engine.config.arch.vocab_size), SamplingParams(max_tokens=4), use_tqdm=False)
+    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)):
+        engine.add_request(f"p{i}", prompt, params)
+    for _ in range(args.skip_steps):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    lines = [
+        f"steps {args.steps}: wall {wall / args.steps * 1e3:.2f} ms/step, GPU busy {gpu_us / args.steps / 1e3:.2f} ms/step "
+        f"({gpu_us / 1e6 / wall * 100:.0f}% of wall)",
+        events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60),
+        events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+if __name__ == "__main__":
+    main()
