@@ -127,10 +127,16 @@ class KVCacheManager:
         Returns the newly allocated block ids, or None (and changes nothing) when the pool is short.
         `computed_blocks` are prefix-cache hits for a request being admitted.
         """
+        blocks = self.req_blocks.get(request.request_id)
+        total_tokens = request.num_computed_tokens + num_new_tokens
+        if blocks is not None and total_tokens <= len(blocks) * self.block_size:
+            # The common decode step: the last block has room and no block fills up.
+            if total_tokens % self.block_size == 0:
+                self._register_full_blocks(request, total_tokens)
+            return []
         computed_blocks = computed_blocks or []
-        blocks = self.req_blocks.get(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        total_tokens = num_computed + num_new_tokens
+        blocks = blocks or []
+        total_tokens += len(computed_blocks) * self.block_size
         num_new_blocks = self.blocks_needed(total_tokens) - len(blocks) - len(computed_blocks)
         idle_hits = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
         if num_new_blocks + idle_hits > self.pool.num_free:

@@ -204,6 +204,14 @@ class ModelRunner:
             self._forward_eager(rows, starts, counts)
             return SampledTokens([], [])
 
+        sampling_states = [states[i] for i in samples]
+        # Built before the launch: its host-to-device copies then find the stream idle.
+        metadata = SamplingMetadata.build(
+            [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids)
+             for s in sampling_states],
+            self.config.arch.vocab_size,
+            self.device,
+        )
         graph_size = self._graph_size(len(states)) if int(counts.max()) == 1 else None
         if graph_size is not None:
             self._stage(rows, starts, counts, pad_to=graph_size)
@@ -211,10 +219,10 @@ class ModelRunner:
             graph.replay()
             logits = graph_logits[: len(states)]
         else:
-            hidden = self._forward_eager(rows, starts, counts)
             last = torch.as_tensor(np.cumsum(counts)[samples] - 1, device=self.device)
+            hidden = self._forward_eager(rows, starts, counts)
             logits = self.model.compute_logits(hidden[last])
-        return self._sample(logits, [req_ids[i] for i in samples], [states[i] for i in samples])
+        return self._sample(logits, metadata, [req_ids[i] for i in samples], sampling_states)
 
     def _graph_size(self, num_reqs: int) -> int | None:
         return next((size for size in sorted(self.graphs) if size >= num_reqs), None)
@@ -224,9 +232,9 @@ class ModelRunner:
         n = int(counts.sum())
         return self.model(self.input_ids[:n], self.positions[:n], meta)
 
-    def _sample(self, logits: torch.Tensor, req_ids: list[str], states: list[RunnerRequest]) -> SampledTokens:
-        rows = [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids) for s in states]
-        metadata = SamplingMetadata.build(rows, logits.shape[-1], logits.device)
+    def _sample(
+        self, logits: torch.Tensor, metadata: SamplingMetadata, req_ids: list[str], states: list[RunnerRequest]
+    ) -> SampledTokens:
         out = self.sampler(logits, metadata)
         token_ids = out.sampled_token_ids.tolist()
         for state, token_id in zip(states, token_ids):
