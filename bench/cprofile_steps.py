@@ -19,9 +19,10 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--skip-steps", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     args = p.parse_args()
     llm = LLM(args.model, load_format="dummy", max_model_len=2048, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=16384, skip_tokenizer_init=True)
+              max_num_batched_tokens=args.max_num_batched_tokens, skip_tokenizer_init=True)
     engine = llm.engine
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     for i, prompt in enumerate(random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)):
@@ -35,7 +36,7 @@ def main() -> None:
         engine.step()
     torch.cuda.synchronize()
     prof.disable()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
