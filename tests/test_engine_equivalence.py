@@ -71,3 +71,53 @@ def test_block_size_does_not_change_tokens(baseline):
     path, expected = baseline
     tokens, _ = run(path, shared_prefix_prompts(), block_size=4)
     assert tokens == expected
+
+
+MIXED_PARAMS = [
+    SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+    SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=25, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=30, min_tokens=4, stop_token_ids=[100, 200, 300]),
+    SamplingParams(temperature=1.0, top_k=20, seed=9, max_tokens=12, ignore_eos=True, logprobs=2),
+]
+
+
+def mixed_run(path: str, **engine_args) -> list:
+    prompts = shared_prefix_prompts()
+    params = [MIXED_PARAMS[i % len(MIXED_PARAMS)] for i in range(len(prompts))]
+    outs = LLM(path, **engine_args).generate(prompts, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs]
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [
+        {},
+        {"max_num_batched_tokens": 16},  # chunked prefill in the mix
+        {"num_kv_blocks": 16, "max_model_len": 256},  # preemption in the mix
+    ],
+    ids=["plain", "chunked-prefill", "preemption"],
+)
+def test_async_scheduling_gives_the_same_outputs_as_sync(tiny_model, engine_args):
+    path = tiny_model("llama")
+    sync = mixed_run(path, async_scheduling=False, **engine_args)
+    assert mixed_run(path, async_scheduling=True, **engine_args) == sync
+
+
+def test_async_scheduling_honours_stop_strings_like_sync(tiny_model):
+    path = tiny_model("llama")
+    prompts = shared_prefix_prompts()
+    probe = LLM(path, async_scheduling=False).generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].text
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[probe[6:9]])
+    texts = {}
+    for mode in (False, True):
+        outs = LLM(path, async_scheduling=mode).generate(prompts, params, use_tqdm=False)
+        texts[mode] = [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+    assert texts[True] == texts[False]
+    assert texts[True][0][1] == "stop"
+
+
+def test_async_scheduling_with_penalties_gives_the_same_outputs_as_sync(tiny_model):
+    path = tiny_model("llama")
+    params = SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, frequency_penalty=0.5, ignore_eos=True)
+    runs = [run(path, shared_prefix_prompts(), params, async_scheduling=mode)[0] for mode in (False, True)]
+    assert runs[0] == runs[1]

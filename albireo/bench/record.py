@@ -29,7 +29,7 @@ def engine_facts(llm, args) -> dict:
         "workload": args.workload,
         "model": args.model_name,
         "tp": config.parallel.tensor_parallel_size,
-        "async_scheduling": False,
+        "async_scheduling": config.scheduler.async_scheduling,
         "cuda_graphs": config.device == "cuda" and not config.enforce_eager,
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,

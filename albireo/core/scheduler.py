@@ -131,6 +131,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_pending = 0  # a token still in flight for it is dropped when it arrives
         self.waiting.appendleft(request)
         self.finished_req_ids.add(request.request_id)
         self.num_preemptions += 1
@@ -147,7 +148,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending and self._reaches_limit(request):
+                i += 1  # its last token is in flight: nothing more to compute
+                continue
+            n = min(request.num_tokens + request.num_pending - request.num_computed_tokens, budget)
             new_blocks = self.kv.allocate_slots(request, n)
             while new_blocks is None:
                 victim = self.running[-1]
@@ -165,6 +169,10 @@ class Scheduler:
         # Waiting requests are admitted in arrival order while blocks, budget and seats last.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.request_id in self.finished_req_ids and request.status == RequestStatus.PREEMPTED:
+                # Preempted in this very pass: the pool is short, and a result of an earlier step
+                # may still arrive for it, which must find it preempted to be dropped.
+                break
             hits, num_cached = self.kv.get_computed_blocks(request)
             n = request.num_tokens - num_cached
             if n > budget:
@@ -196,7 +204,10 @@ class Scheduler:
         # The plan is final: count its tokens as computed now, so the next plan can be made before
         # this one has run.
         for req_id, n in num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
+            request = self.requests[req_id]
+            request.num_computed_tokens += n
+            if request.num_computed_tokens == request.num_tokens + request.num_pending:
+                request.num_pending += 1  # this step samples its next token
         return output
 
     # ---- results ---------------------------------------------------------------------------------
@@ -206,7 +217,8 @@ class Scheduler:
         for idx, (req_id, token_id) in enumerate(zip(sampled.req_ids, sampled.token_ids)):
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+                continue  # finished, aborted or preempted while the step ran
+            request.num_pending -= 1
             request.output_token_ids.append(token_id)
             logprobs = sampled.logprobs[idx] if sampled.logprobs else None
             status = self._check_stop(request, token_id)
@@ -217,6 +229,11 @@ class Scheduler:
                 self._finish(request, status)
             outputs.append(output)
         return outputs
+
+    def _reaches_limit(self, request: Request) -> bool:
+        """Whether the tokens in flight already take the request to max_tokens or the context end."""
+        total = request.num_tokens + request.num_pending
+        return total - len(request.prompt_token_ids) >= request.max_tokens or total >= self.max_model_len
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params

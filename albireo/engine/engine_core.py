@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from albireo.config import EngineConfig
 from albireo.core.scheduler import EngineCoreOutput, Scheduler
 from albireo.engine.request import Request
@@ -22,6 +24,9 @@ class EngineCore:
             )
         self.executor.init_kv_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.max_model_len)
+        # Steps launched whose results have not been folded back yet: at most one under async
+        # scheduling, none in the sequential loop.
+        self.in_flight: deque = deque()
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -30,14 +35,33 @@ class EngineCore:
         self.scheduler.abort_requests(req_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
-        if not self.scheduler.has_unfinished_requests():
-            return []
-        plan = self.scheduler.schedule()
-        sampled = self.executor.execute_model(plan)
-        return self.scheduler.update_from_output(plan, sampled)
+        """Launch the next step, then fold in the results of the step before it.
+
+        Under async scheduling the GPU runs step N while this plans and launches step N+1; only
+        then does it wait for step N's tokens. A step that needs the previous tokens on the host
+        (penalties count them) waits for them first.
+        """
+        if self.scheduler.has_unfinished_requests():
+            if self.in_flight and self._needs_host_tokens():
+                return self._collect_oldest()
+            plan = self.scheduler.schedule()
+            self.in_flight.append((plan, self.executor.execute_model(plan)))
+            if len(self.in_flight) == 1 and self.config.scheduler.async_scheduling and not plan.is_empty:
+                return []
+        return self._collect_oldest() if self.in_flight else []
+
+    def _collect_oldest(self) -> list[EngineCoreOutput]:
+        plan, handle = self.in_flight.popleft()
+        return self.scheduler.update_from_output(plan, self.executor.collect(handle))
+
+    def _needs_host_tokens(self) -> bool:
+        return any(
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            for p in (r.sampling_params for r in self.scheduler.running)
+        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -42,6 +42,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     # Tokens whose KV is in the cache, or will be once the step that scheduled them has run.
     num_computed_tokens: int = 0
+    # Tokens being sampled by steps already planned whose results have not come back (async
+    # scheduling plans a step before the previous one's token is known).
+    num_pending: int = 0
     # Prefix-cache hashes of this request's full blocks, in order; filled by the KV cache manager.
     block_hashes: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None

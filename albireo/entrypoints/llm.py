@@ -35,6 +35,7 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         enable_chunked_prefill: bool = True,
+        async_scheduling: bool = True,
         tensor_parallel_size: int = 1,
         skip_tokenizer_init: bool = False,
         enforce_eager: bool = False,
@@ -43,7 +44,7 @@ class LLM:
         config = EngineConfig(
             model=ModelConfig(model, tokenizer, load_format, dtype, max_model_len, seed, skip_tokenizer_init),
             cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization, cpu_kv_cache_gb, num_kv_blocks),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, async_scheduling),
             parallel=ParallelConfig(tensor_parallel_size),
             device=device,
             enforce_eager=enforce_eager,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.executor.worker import Worker
+from albireo.runner.model_runner import StepHandle
 
 
 class UniProcExecutor:
@@ -19,8 +20,12 @@ class UniProcExecutor:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.worker.init_kv_cache(num_blocks)
 
-    def execute_model(self, plan: SchedulerOutput) -> SampledTokens:
+    def execute_model(self, plan: SchedulerOutput) -> StepHandle | None:
+        """Launch a step; its tokens come back through collect()."""
         return self.worker.execute_model(plan)
+
+    def collect(self, handle: StepHandle | None) -> SampledTokens:
+        return self.worker.collect(handle)
 
     def shutdown(self) -> None:
         pass

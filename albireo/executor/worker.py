@@ -7,7 +7,7 @@ import torch
 from albireo import kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
-from albireo.runner.model_runner import ModelRunner
+from albireo.runner.model_runner import ModelRunner, StepHandle
 
 
 class Worker:
@@ -40,5 +40,8 @@ class Worker:
         if self.device.type == "cuda" and not self.config.enforce_eager:
             self.runner.capture_cuda_graphs()
 
-    def execute_model(self, plan: SchedulerOutput) -> SampledTokens:
+    def execute_model(self, plan: SchedulerOutput) -> StepHandle | None:
         return self.runner.execute(plan)
+
+    def collect(self, handle: StepHandle | None) -> SampledTokens:
+        return self.runner.collect(handle)

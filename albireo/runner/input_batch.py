@@ -24,6 +24,8 @@ class RunnerRequest:
     eos_token_ids: list[int]
     num_computed_tokens: int
     num_blocks: int
+    # Tokens sampled by launched steps that have not reached the host yet.
+    num_pending: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,8 @@ nearest batch-size bucket.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -18,7 +20,18 @@ from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.layers.attention import AttentionMetadata
 from albireo.model.loader import build_model
 from albireo.runner.input_batch import InputBatch, RunnerRequest
-from albireo.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
+from albireo.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, to_device
+
+
+@dataclass
+class StepHandle:
+    """A launched step whose sampled tokens are on their way to the host."""
+
+    req_ids: list[str]
+    states: list[RunnerRequest]
+    tokens: torch.Tensor  # host tensor, valid once `event` has completed
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    event: torch.cuda.Event | None
 
 
 def graph_batch_sizes(max_size: int) -> list[int]:
@@ -54,6 +67,13 @@ class ModelRunner:
         self.query_start_loc, self.query_start_loc_host = buffers(self.max_num_reqs + 1, torch.int32)
         self.block_tables, self.block_tables_host = buffers((self.max_num_reqs, self.batch.max_blocks), torch.int32)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # The last launched step's sampled tokens (device) and each sampling request's row in them.
+        self.prev_tokens: torch.Tensor | None = None
+        self.prev_index: dict[str, int] = {}
+        self.num_launched = 0
+        self.tokens_home = [torch.zeros(self.max_num_reqs, dtype=torch.int64, pin_memory=on_gpu) for _ in range(2)]
+        # Marks when the last step's staged inputs have left the pinned buffers.
+        self.staged: torch.cuda.Event | None = None
 
     # ---- KV cache ----------------------------------------------------------------------------------
 
@@ -78,7 +98,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         n = num_tokens
         self.batch.block_table[0, : -(-n // self.block_size)] = np.arange(-(-n // self.block_size))
-        meta = self._stage(np.array([0]), np.array([0]), np.array([n]))
+        meta = self._stage(np.array([0]), np.array([0]), np.array([n]), [])
         hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
         logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
         torch.softmax(logits, dim=-1).sort(dim=-1)
@@ -136,11 +156,22 @@ class ModelRunner:
             self.batch.add_blocks(cached.req_id, cached.new_block_ids)
             self.batch.requests[cached.req_id].num_computed_tokens = cached.num_computed_tokens
 
-    def _stage(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray, pad_to: int | None = None):
+    def _stage(
+        self,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        carried: list[tuple[int, int]],
+        pad_to: int | None = None,
+    ) -> AttentionMetadata:
         """Build the flat inputs on the host, copy them to the device buffers; returns the metadata.
 
-        With pad_to, the batch is padded to that many one-token sequences that attend to nothing.
+        `carried` lists (flat token index, row in the previous step's sampled tokens) for inputs
+        that come from the device. With pad_to, the batch is padded to that many one-token
+        sequences that attend to nothing.
         """
+        if self.staged is not None:
+            self.staged.synchronize()  # the previous step's copies must have read the pinned buffers
         token_ids, positions, slots = self.batch.gather(rows, starts, counts)
         num_tokens, num_reqs = len(token_ids), len(rows)
         seq_lens = (starts + counts).astype(np.int32)
@@ -176,6 +207,13 @@ class ModelRunner:
             ):
                 dst[:n].copy_(src[:n], non_blocking=True)
             self.block_tables[:num_reqs, :width].copy_(self.block_tables_host[:num_reqs, :width], non_blocking=True)
+            self.staged = torch.cuda.Event()
+            self.staged.record()
+        if carried:
+            dst, src = zip(*carried)
+            self.input_ids[to_device(list(dst), torch.int64, self.device)] = self.prev_tokens[
+                to_device(list(src), torch.int64, self.device)
+            ]
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:padded_tokens],
             query_start_loc=self.query_start_loc[: padded_reqs + 1],
@@ -187,63 +225,95 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> SampledTokens:
+    def execute(self, plan: SchedulerOutput) -> StepHandle | None:
+        """Launch a step: stage its inputs, run the model, sample. Nothing here waits for the GPU.
+
+        A decode whose input token was sampled by the previous step, still in flight, reads it
+        from that step's device tensor of sampled tokens.
+        """
         self._apply_plan(plan)
         if plan.is_empty:
-            return SampledTokens([], [])
+            return None
         req_ids = list(plan.num_scheduled_tokens)
         states = [self.batch.requests[r] for r in req_ids]
         rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
         starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
         counts = np.fromiter(plan.num_scheduled_tokens.values(), dtype=np.int64, count=len(states))
+        first_token = np.cumsum(counts) - counts
+        carried = [(first_token[i], self.prev_index[r]) for i, (r, s) in enumerate(zip(req_ids, states))
+                   if starts[i] == s.num_tokens]
         for state, n in zip(states, counts.tolist()):
             state.num_computed_tokens += n
-        # A request samples when its last known token is in this step.
-        samples = [i for i, s in enumerate(states) if s.num_computed_tokens == s.num_tokens]
-        if not samples:
-            self._forward_eager(rows, starts, counts)
-            return SampledTokens([], [])
-
+        # A request samples when this step reaches the end of its tokens, the pending ones included.
+        samples = [i for i, s in enumerate(states) if s.num_computed_tokens == s.num_tokens + s.num_pending]
         sampling_states = [states[i] for i in samples]
-        # Built before the launch: its host-to-device copies then find the stream idle.
-        metadata = SamplingMetadata.build(
-            [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids)
-             for s in sampling_states],
-            self.config.arch.vocab_size,
-            self.device,
-        )
-        graph_size = self._graph_size(len(states)) if int(counts.max()) == 1 else None
+        metadata = None
+        if samples:
+            metadata = SamplingMetadata.build(
+                [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids,
+                             num_generated=len(s.output_token_ids) + s.num_pending) for s in sampling_states],
+                self.config.arch.vocab_size,
+                self.device,
+            )
+            for state in sampling_states:
+                state.num_pending += 1
+
+        graph_size = self._graph_size(len(states)) if samples and int(counts.max()) == 1 else None
         if graph_size is not None:
-            self._stage(rows, starts, counts, pad_to=graph_size)
+            self._stage(rows, starts, counts, carried, pad_to=graph_size)
             graph, graph_logits = self.graphs[graph_size]
             graph.replay()
             logits = graph_logits[: len(states)]
         else:
-            last = torch.as_tensor(np.cumsum(counts)[samples] - 1, device=self.device)
-            hidden = self._forward_eager(rows, starts, counts)
+            meta = self._stage(rows, starts, counts, carried)
+            n = int(counts.sum())
+            hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
+            if not samples:
+                self.prev_tokens, self.prev_index = None, {}
+                return None
+            last = to_device((np.cumsum(counts)[samples] - 1).tolist(), torch.int64, self.device)
             logits = self.model.compute_logits(hidden[last])
-        return self._sample(logits, metadata, [req_ids[i] for i in samples], sampling_states)
+        out = self.sampler(logits, metadata)
+        sampled_ids = [req_ids[i] for i in samples]
+        self.prev_tokens = out.sampled_token_ids
+        self.prev_index = {r: k for k, r in enumerate(sampled_ids)}
+        return self._send_home(out, sampled_ids, sampling_states)
+
+    def _send_home(self, out: SamplerOutput, req_ids: list[str], states: list[RunnerRequest]) -> StepHandle:
+        """Start copying the step's tokens (and logprobs) to the host; an event marks their arrival."""
+        if self.device.type != "cuda":
+            logprobs = None if out.logprobs is None else (out.logprob_token_ids, out.logprobs, out.sampled_ranks)
+            return StepHandle(req_ids, states, out.sampled_token_ids, logprobs, None)
+        # Two buffers, so this step's copy never lands on tokens the host has not read yet.
+        self.num_launched += 1
+        host = self.tokens_home[self.num_launched % 2][: len(req_ids)]
+        host.copy_(out.sampled_token_ids, non_blocking=True)
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = tuple(t.to("cpu", non_blocking=True) for t in (out.logprob_token_ids, out.logprobs, out.sampled_ranks))
+        event = torch.cuda.Event()
+        event.record()
+        return StepHandle(req_ids, states, host, logprobs, event)
+
+    def collect(self, handle: StepHandle | None) -> SampledTokens:
+        """Wait for a launched step's tokens and fold them into the runner's copy of the requests."""
+        if handle is None:
+            return SampledTokens([], [])
+        if handle.event is not None:
+            handle.event.synchronize()
+        token_ids = handle.tokens.tolist()
+        for req_id, state, token_id in zip(handle.req_ids, handle.states, token_ids):
+            state.num_pending -= 1
+            if self.batch.requests.get(req_id) is state:  # not finished or preempted meanwhile
+                self.batch.append_token(state, token_id)
+        logprobs = None
+        if handle.logprobs is not None:
+            ids, lps, ranks = (t.tolist() for t in handle.logprobs)
+            logprobs = []
+            for i, state in enumerate(handle.states):
+                k = state.sampling_params.logprobs
+                logprobs.append(None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]))
+        return SampledTokens(handle.req_ids, token_ids, logprobs)
 
     def _graph_size(self, num_reqs: int) -> int | None:
         return next((size for size in sorted(self.graphs) if size >= num_reqs), None)
-
-    def _forward_eager(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
-        meta = self._stage(rows, starts, counts)
-        n = int(counts.sum())
-        return self.model(self.input_ids[:n], self.positions[:n], meta)
-
-    def _sample(
-        self, logits: torch.Tensor, metadata: SamplingMetadata, req_ids: list[str], states: list[RunnerRequest]
-    ) -> SampledTokens:
-        out = self.sampler(logits, metadata)
-        token_ids = out.sampled_token_ids.tolist()
-        for state, token_id in zip(states, token_ids):
-            self.batch.append_token(state, token_id)
-        logprobs = None
-        if out.logprobs is not None:
-            ids, lps, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist()
-            logprobs = []
-            for i, s in enumerate(states):
-                k = s.sampling_params.logprobs
-                logprobs.append(None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]))
-        return SampledTokens(req_ids, token_ids, logprobs)

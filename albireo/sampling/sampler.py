@@ -34,6 +34,13 @@ class SamplingRow:
     output_token_ids: list[int]
     # The model's EOS ids; blocked by min_tokens unless params.ignore_eos.
     eos_token_ids: list[int]
+    # How many tokens the row has generated, when more than output_token_ids holds: under async
+    # scheduling the previous step's token may still be on its way to the host.
+    num_generated: int | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) if self.num_generated is None else self.num_generated
 
 
 @dataclass
@@ -95,12 +102,12 @@ class SamplingMetadata:
         all_random = not any(greedy)
 
         def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32, device)
 
         temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
         greedy_mask = None
         if not all_greedy and not all_random:
-            greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=device)
+            greedy_mask = to_device(greedy, torch.bool, device)
 
         # Filters are irrelevant to greedy rows, so those rows never switch a filter on.
         sampled = [p for p, g in zip(params, greedy) if not g]
@@ -111,7 +118,7 @@ class SamplingMetadata:
                 p.top_k if 0 < p.top_k < vocab_size and not g else vocab_size for p, g in zip(params, greedy)
             ]
             max_top_k = max(k for k in ks if k < vocab_size)
-            top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+            top_k = to_device(ks, torch.int64, device)
         if any(p.top_p < 1.0 for p in sampled):
             top_p = floats([1.0 if g else p.top_p for p, g in zip(params, greedy)])
         if any(p.min_p > 0.0 for p in sampled):
@@ -133,7 +140,7 @@ class SamplingMetadata:
         block_ids: list[int] = []
         for i, row in enumerate(rows):
             p = row.params
-            if len(row.output_token_ids) >= p.min_tokens:
+            if row.num_output_tokens >= p.min_tokens:
                 continue
             blocked = set(p.stop_token_ids)
             if not p.ignore_eos:
@@ -145,15 +152,15 @@ class SamplingMetadata:
         min_tokens_block = None
         if block_ids:
             min_tokens_block = (
-                torch.tensor(block_rows, dtype=torch.int64, device=device),
-                torch.tensor(block_ids, dtype=torch.int64, device=device),
+                to_device(block_rows, torch.int64, device),
+                to_device(block_ids, torch.int64, device),
             )
 
         generators: dict[int, torch.Generator] = {}
         for i, (row, g) in enumerate(zip(rows, greedy)):
             if row.params.seed is not None and not g:
                 gen = torch.Generator(device=device)
-                gen.manual_seed(step_seed(row.params.seed, len(row.output_token_ids)))
+                gen.manual_seed(step_seed(row.params.seed, row.num_output_tokens))
                 generators[i] = gen
 
         requested = [p.logprobs for p in params if p.logprobs is not None]
@@ -183,7 +190,15 @@ class SamplingMetadata:
 def _pad_ids(seqs: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
     width = max((len(s) for s in seqs), default=0)
     padded = [list(s) + [pad_id] * (width - len(s)) for s in seqs]
-    return torch.tensor(padded, dtype=torch.int64, device=device).view(len(seqs), width)
+    return to_device(padded, torch.int64, device).view(len(seqs), width)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor; on CUDA through pinned memory, so the copy waits for nothing."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _splitmix64(x: int) -> int:
@@ -207,7 +222,7 @@ def apply_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.
     """Block EOS and stop ids for rows that have not yet generated min_tokens tokens."""
     if metadata.min_tokens_block is None:
         return logits
-    return logits.index_put(metadata.min_tokens_block, torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put(metadata.min_tokens_block, torch.full((), float("-inf"), device=logits.device))
 
 
 def _occurrences(ids: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
