@@ -72,3 +72,34 @@ def test_fused_kernels_give_the_same_tokens_as_torch(tiny_model):
         prompts, GREEDY, use_tqdm=False
     )
     assert [o.outputs[0].token_ids for o in fused] == [o.outputs[0].token_ids for o in plain]
+
+
+def test_decode_loop_never_synchronizes_implicitly(tiny_model):
+    """Steady-state async steps under torch's sync debug mode: any implicit host sync raises."""
+    llm = LLM(tiny_model("llama"), gpu_memory_utilization=0.3)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=40, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts(24, seed=4)):
+        engine.add_request(str(i), prompt, params)
+    for _ in range(5):  # prefill, graph warm-up and the first decodes run outside the check
+        engine.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_async_and_sync_scheduling_give_the_same_tokens_on_gpu(tiny_model):
+    path = tiny_model("llama")
+    prompts = random_prompts(40, seed=6)
+    params = SamplingParams(temperature=0.9, seed=2, max_tokens=30, ignore_eos=True)
+    runs = [
+        [o.outputs[0].token_ids for o in LLM(path, async_scheduling=mode, gpu_memory_utilization=0.3).generate(
+            prompts, params, use_tqdm=False)]
+        for mode in (False, True)
+    ]
+    assert runs[0] == runs[1]
