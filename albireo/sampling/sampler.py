@@ -15,10 +15,12 @@ which must draw its noise from its own generator.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
+from albireo import kernels
 from albireo.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -88,6 +90,11 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]
     # Largest params.logprobs in the batch; None when no row asked.
     max_num_logprobs: int | None
+    # One-pass Gumbel sampling (CUDA): per-row temperature with 0 for greedy, per-row Philox
+    # seeds, and which rows still need the filtering path (top-k/top-p/min-p), None if none do.
+    fused_temperature: torch.Tensor | None = None
+    fused_seeds: torch.Tensor | None = None
+    filtered_rows: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -166,6 +173,20 @@ class SamplingMetadata:
         requested = [p.logprobs for p in params if p.logprobs is not None]
         max_num_logprobs = min(max(requested), vocab_size) if requested else None
 
+        fused_temperature = fused_seeds = filtered_rows = None
+        if device.type == "cuda" and kernels.use_fused and not all_greedy:
+            fused_temperature = floats([0.0 if g else p.temperature for p, g in zip(params, greedy)])
+            fused_seeds = to_device(
+                [step_seed(row.params.seed, row.num_output_tokens) >> 1 if row.params.seed is not None
+                 else random.getrandbits(63) for row in rows],
+                torch.int64,
+                device,
+            )
+            filters = [not g and (0 < p.top_k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0)
+                       for p, g in zip(params, greedy)]
+            if any(filters):
+                filtered_rows = to_device(filters, torch.bool, device)
+
         return cls(
             vocab_size=vocab_size,
             temperature=temperature,
@@ -184,6 +205,9 @@ class SamplingMetadata:
             min_tokens_block=min_tokens_block,
             generators=generators,
             max_num_logprobs=max_num_logprobs,
+            fused_temperature=fused_temperature,
+            fused_seeds=fused_seeds,
+            filtered_rows=filtered_rows,
         )
 
 
@@ -344,9 +368,15 @@ class Sampler(torch.nn.Module):
         logits = apply_min_tokens(logits, metadata)
         logits = apply_penalties(logits, metadata)
 
-        greedy = None if metadata.all_random else logits.argmax(dim=1)
+        greedy = None if metadata.all_random or metadata.fused_seeds is not None else logits.argmax(dim=1)
         if metadata.all_greedy:
             sampled = greedy
+        elif metadata.fused_seeds is not None:
+            from albireo.kernels.triton_sampling import gumbel_sample
+
+            sampled = gumbel_sample(logits, metadata.fused_temperature, metadata.fused_seeds)
+            if metadata.filtered_rows is not None:
+                sampled = torch.where(metadata.filtered_rows, self._sample(logits, metadata), sampled)
         else:
             sampled = self._sample(logits, metadata)
             if greedy is not None:

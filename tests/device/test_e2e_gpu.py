@@ -103,3 +103,18 @@ def test_async_and_sync_scheduling_give_the_same_tokens_on_gpu(tiny_model):
         for mode in (False, True)
     ]
     assert runs[0] == runs[1]
+
+
+def test_fused_sampling_keeps_greedy_tokens_and_seeded_runs_reproducible(tiny_model):
+    """The one-pass Gumbel sampler changes the random stream, never greedy tokens or reproducibility."""
+    path = tiny_model("llama")
+    prompts = random_prompts(12, seed=10)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    mixed = [greedy, SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True)] * 6
+    fused_llm = LLM(path, dtype="float32", gpu_memory_utilization=0.3)
+    torch_llm = LLM(path, dtype="float32", fused_kernels=False, gpu_memory_utilization=0.3)
+    fused = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, mixed, use_tqdm=False)]
+    plain = [o.outputs[0].token_ids for o in torch_llm.generate(prompts, mixed, use_tqdm=False)]
+    assert fused[0::2] == plain[0::2]
+    again = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, mixed, use_tqdm=False)]
+    assert again == fused

@@ -204,3 +204,22 @@ def test_empty_batch(tf):
     w = torch.ones(2048, device="cuda", dtype=BF16)
     assert tf.rms_norm(x, w, 1e-5).shape == (0, 2048)
     assert tf.silu_and_mul(torch.empty(0, 512, device="cuda", dtype=BF16)).shape == (0, 256)
+
+
+def test_gumbel_sampling_matches_softmax_frequencies_on_gpu():
+    from albireo.kernels.triton_sampling import gumbel_sample
+
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")], device="cuda")
+    rows = 200_000
+    seeds = torch.arange(rows, dtype=torch.int64, device="cuda") * 7919 + 1
+    out = gumbel_sample(base.expand(rows, -1).contiguous(), torch.full((rows,), 0.7, device="cuda"), seeds)
+    freq = torch.bincount(out, minlength=6).float() / rows
+    torch.testing.assert_close(freq, torch.softmax(base / 0.7, dim=0), atol=0.005, rtol=0)
+
+
+def test_gumbel_sampling_greedy_rows_equal_argmax_at_vocab_128k():
+    from albireo.kernels.triton_sampling import gumbel_sample
+
+    logits = torch.randn(64, 128256, device="cuda")
+    out = gumbel_sample(logits, torch.zeros(64, device="cuda"), torch.zeros(64, dtype=torch.int64, device="cuda"))
+    assert torch.equal(out, logits.argmax(dim=1))

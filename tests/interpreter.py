@@ -1,0 +1,59 @@
+"""Running Triton kernels on the CPU through Triton's interpreter, for tests.
+
+The interpreter must be on (TRITON_INTERPRET=1) before triton is first imported, and switching a
+process that runs real GPU kernels would break them. So a test module runs its kernel tests in
+this process when the interpreter is (or can still be) on, and otherwise re-runs itself in a
+child process with TRITON_INTERPRET=1 (see `run_in_subprocess`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def interpreter_usable() -> bool:
+    if "triton" in sys.modules:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return isinstance(tl.sum, InterpretedFunction)
+    return os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+
+
+def enable() -> bool:
+    """Switch the interpreter on if this process can use it; returns whether it did."""
+    if not interpreter_usable():
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    _patch_index()
+    return True
+
+
+def _patch_index() -> None:
+    """Triton 3.6's interpreter turns a scalar into an int with int(array of shape (1,)), which
+    NumPy >= 2.4 rejects, so `range(lo, hi)` over runtime scalars fails (triton-lang/triton#9171).
+    Re-define that one conversion to go through .item(); harmless where the bug is fixed."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_albireo_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._albireo_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+def run_in_subprocess(test_file: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout

@@ -1,0 +1,56 @@
+"""The one-pass Gumbel sampling kernel, on CPU through the Triton interpreter."""
+
+import importlib.util
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+import interpreter  # noqa: E402
+
+IN_PROCESS = interpreter.enable()
+if IN_PROCESS:
+    from albireo.kernels.triton_sampling import gumbel_sample
+
+interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled here; the subprocess test runs these")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
+def test_in_interpreter_subprocess():
+    interpreter.run_in_subprocess(__file__)
+
+
+def seeds(n: int, start: int = 0) -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.int64) * 7919 + 12345
+
+
+@interpreted
+def test_temperature_zero_is_argmax_with_first_index_on_ties():
+    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(0))
+    logits[2, 17] = logits[2, 2100] = 50.0  # a tie: the first index wins, as with torch.argmax
+    out = gumbel_sample(logits, torch.zeros(6), seeds(6))
+    assert out.tolist() == logits.argmax(dim=1).tolist()
+
+
+@interpreted
+def test_same_seed_same_token_wherever_the_row_sits():
+    logits = torch.randn(1, 500, generator=torch.Generator().manual_seed(1)).expand(4, -1).contiguous()
+    s = torch.tensor([5, 6, 5, 7], dtype=torch.int64)
+    out = gumbel_sample(logits, torch.ones(4), s)
+    assert out[0] == out[2]
+    alone = gumbel_sample(logits[:1], torch.ones(1), s[:1])
+    assert alone[0] == out[0]
+
+
+@interpreted
+def test_draws_follow_softmax_of_logits_over_temperature():
+    temperature = 0.7
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")])
+    rows = 1200  # sampling error of a frequency: at most 0.015 (one sigma)
+    out = gumbel_sample(base.expand(rows, -1).contiguous(), torch.full((rows,), temperature), seeds(rows))
+    freq = torch.bincount(out, minlength=6).float() / rows
+    expected = torch.softmax(base / temperature, dim=0)
+    assert freq[5] == 0  # a -inf logit is never drawn
+    torch.testing.assert_close(freq, expected, atol=0.05, rtol=0)
