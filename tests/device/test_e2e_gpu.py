@@ -111,10 +111,12 @@ def test_fused_sampling_keeps_greedy_tokens_and_seeded_runs_reproducible(tiny_mo
     prompts = random_prompts(12, seed=10)
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     mixed = [greedy, SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True)] * 6
+    # One engine at a time: each sizes its KV pool from the memory the others leave.
     fused_llm = LLM(path, dtype="float32", gpu_memory_utilization=0.3)
-    torch_llm = LLM(path, dtype="float32", fused_kernels=False, gpu_memory_utilization=0.3)
     fused = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, mixed, use_tqdm=False)]
+    again = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, mixed, use_tqdm=False)]
+    del fused_llm
+    torch_llm = LLM(path, dtype="float32", fused_kernels=False, gpu_memory_utilization=0.3)
     plain = [o.outputs[0].token_ids for o in torch_llm.generate(prompts, mixed, use_tqdm=False)]
     assert fused[0::2] == plain[0::2]
-    again = [o.outputs[0].token_ids for o in fused_llm.generate(prompts, mixed, use_tqdm=False)]
     assert again == fused
