@@ -40,3 +40,15 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_size)]
     dist.all_gather(parts, x.contiguous(), group=_group)
     return torch.cat(parts, dim=dim)
+
+
+def init_distributed(rank: int, world_size: int, init_method: str, backend: str) -> None:
+    """Join the process group (gloo on CPU, nccl on GPUs) and make it this process's TP group."""
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+    set_tensor_parallel_group(dist.group.WORLD)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    set_tensor_parallel_group(None)

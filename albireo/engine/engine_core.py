@@ -7,13 +7,13 @@ from collections import deque
 from albireo.config import EngineConfig
 from albireo.core.scheduler import EngineCoreOutput, Scheduler
 from albireo.engine.request import Request
-from albireo.executor.executor import UniProcExecutor
+from albireo.executor.executor import make_executor
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.executor = UniProcExecutor(config)
+        self.executor = make_executor(config)
         num_blocks = self.executor.available_kv_blocks()
         needed = -(-config.max_model_len // config.cache.block_size)
         if num_blocks < needed:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import random
+import traceback
+from collections import deque
+from multiprocessing.connection import Connection
+
 import torch
 
 from albireo import kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
+from albireo.distributed.parallel_state import init_distributed, shutdown_distributed
 from albireo.runner.model_runner import ModelRunner, StepHandle
 
 
@@ -18,6 +24,9 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         kernels.use_fused = config.fused_kernels
+        # Every rank samples every row (until sampling is split across ranks): identical random
+        # streams keep their tokens, and so their KV caches, identical.
+        random.seed(config.model.seed)
         self.runner = ModelRunner(config, self.device)
 
     def available_kv_blocks(self) -> int:
@@ -45,3 +54,39 @@ class Worker:
 
     def collect(self, handle: StepHandle | None) -> SampledTokens:
         return self.runner.collect(handle)
+
+
+def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: str, conn: Connection) -> None:
+    """A worker process: join the TP group, build this rank's shard, then serve the engine's commands.
+
+    Commands arrive in order on `conn`; "execute" launches a step, "collect" finishes the oldest
+    launched one (rank 0 sends its tokens back), so a step can be launched before the previous one
+    is collected, as the engine core's async loop does.
+    """
+    try:
+        backend = "nccl" if config.device == "cuda" else "gloo"
+        init_distributed(rank, world_size, init_method, backend)
+        worker = Worker(config, rank)
+        conn.send(("ok", None))
+        launched: deque[StepHandle | None] = deque()
+        while True:
+            command, arg = conn.recv()
+            if command == "execute":
+                launched.append(worker.execute_model(arg))
+            elif command == "collect":
+                result = worker.collect(launched.popleft())
+                if rank == 0:
+                    conn.send(("ok", result))
+            elif command == "available_kv_blocks":
+                conn.send(("ok", worker.available_kv_blocks()))
+            elif command == "init_kv_cache":
+                worker.init_kv_cache(arg)
+                conn.send(("ok", None))
+            elif command == "shutdown":
+                break
+    except (EOFError, KeyboardInterrupt):
+        pass  # the engine went away: exit quietly
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,52 @@
+"""Tensor parallelism over gloo on the CPU: two worker processes give TP=1's tokens."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from albireo import LLM, SamplingParams
+from albireo.executor.executor import WorkerDiedError
+from conftest import TINY_MODELS, random_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_tp2_greedy_equals_tp1(tiny_model, name):
+    """qwen3's tiny model has one KV head, so at TP=2 both ranks hold a replica of it."""
+    path = tiny_model(name)
+    prompts = random_prompts(4, seed=2)
+    expected = [o.outputs[0].token_ids for o in LLM(path).generate(prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(path, tensor_parallel_size=2)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert got == expected
+
+
+def test_tp2_seeded_sampling_equals_tp1(tiny_model):
+    path = tiny_model("llama")
+    prompts = random_prompts(4, seed=3)
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(path).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(path, tensor_parallel_size=2)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert got == expected
+
+
+def test_a_killed_worker_fails_the_engine_with_its_rank_and_leaves_no_process(tiny_model):
+    llm = LLM(tiny_model("llama"), tensor_parallel_size=2)
+    procs = list(llm.engine.core.executor.procs)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    with pytest.raises(WorkerDiedError, match="rank 1"):
+        llm.generate(random_prompts(2, seed=1), GREEDY, use_tqdm=False)
+    deadline = time.monotonic() + 10
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(p.is_alive() for p in procs)
