@@ -244,10 +244,16 @@ class SchedulerConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # How ranks sample under TP: "seq_parallel" (an all-to-all hands each rank full-vocabulary
+    # logits for 1/t of the rows; each samples its rows; an all-gather of token ids finishes) or
+    # "all_gather" (every rank gathers all logits and samples every row, as vLLM does).
+    sampling: str = "seq_parallel"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.sampling not in ("seq_parallel", "all_gather"):
+            raise ValueError(f"sampling must be seq_parallel or all_gather, got {self.sampling!r}")
 
 
 @dataclass

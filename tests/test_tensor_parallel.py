@@ -27,17 +27,34 @@ def test_tp2_greedy_equals_tp1(tiny_model, name):
     assert got == expected
 
 
-def test_tp2_seeded_sampling_equals_tp1(tiny_model):
-    path = tiny_model("llama")
-    prompts = random_prompts(4, seed=3)
-    params = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True)
-    expected = [o.outputs[0].token_ids for o in LLM(path).generate(prompts, params, use_tqdm=False)]
-    llm = LLM(path, tensor_parallel_size=2)
+MIXED = [
+    SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True),
+    SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3),
+    SamplingParams(temperature=1.0, seed=8, max_tokens=9, ignore_eos=True, logprobs=1),
+]
+
+
+def outputs(llm: LLM, prompts, params) -> list:
     try:
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        outs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.engine.shutdown()
-    assert got == expected
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = None if c.logprobs is None else [{t: round(lp.logprob, 4) for t, lp in step.items()} for step in c.logprobs]
+        result.append((c.token_ids, lps))
+    return result
+
+
+@pytest.mark.parametrize("tp_sampling", ["seq_parallel", "all_gather"])
+def test_tp2_seeded_sampling_and_logprobs_equal_tp1(tiny_model, tp_sampling):
+    """Five rows over two ranks: the seq-parallel path pads the batch to a multiple of t."""
+    path = tiny_model("llama")
+    prompts = random_prompts(5, seed=3)
+    params = [MIXED[i % len(MIXED)] for i in range(len(prompts))]
+    expected = outputs(LLM(path), prompts, params)
+    assert outputs(LLM(path, tensor_parallel_size=2, tp_sampling=tp_sampling), prompts, params) == expected
 
 
 def test_a_killed_worker_fails_the_engine_with_its_rank_and_leaves_no_process(tiny_model):

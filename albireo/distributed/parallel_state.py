@@ -20,6 +20,10 @@ def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
     _size = dist.get_world_size(group) if group is not None else 1
 
 
+def tp_group() -> dist.ProcessGroup | None:
+    return _group
+
+
 def tp_rank() -> int:
     return _rank
 

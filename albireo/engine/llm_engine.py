@@ -2,7 +2,8 @@
 
 It tokenizes and validates prompts, fans a request with n > 1 out into n engine-core requests,
 turns sampled token ids back into text incrementally and applies stop strings. The engine core
-below it sees token ids only.
+below it sees token ids only; it sits behind an EngineCoreClient, in this process (the offline
+LLM class) or in a process of its own (the server, through AsyncLLMEngine).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, replace
 from albireo.config import EngineConfig
 from albireo.core.scheduler import EngineCoreOutput
 from albireo.engine.detokenizer import IncrementalDetokenizer
-from albireo.engine.engine_core import EngineCore
+from albireo.engine.client import EngineCoreClient, InprocClient
 from albireo.engine.request import Request
 from albireo.engine.tokenizer import generation_eos_ids, load_tokenizer
 from albireo.outputs import CompletionOutput, Logprob, RequestOutput
@@ -34,11 +35,12 @@ class _Sample:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, client: EngineCoreClient | None = None) -> None:
+        """`client` defaults to an engine core in this process."""
         self.config = config
         self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config.model)
         self.eos_token_ids = sorted(set(config.arch.eos_token_ids) | set(generation_eos_ids(config.model)))
-        self.core = EngineCore(config)
+        self.core: EngineCoreClient = client if client is not None else InprocClient(config)
         self.samples: dict[str, _Sample] = {}
         self.requests: dict[str, RequestOutput] = {}
         self._ids = itertools.count()
@@ -114,8 +116,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that changed, finished ones for the last time."""
+        if not self.requests:
+            return []  # a core in another process would have nothing to send: don't wait for it
+        return self.process_outputs(self.core.get_outputs() or [])
+
+    def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
+        """Fold one batch of engine-core outputs into the requests; returns the requests that changed."""
         changed: dict[str, RequestOutput] = {}
-        for out in self.core.step():
+        for out in core_outputs:
             sample = self.samples.get(out.req_id)
             if sample is not None:
                 self._apply(sample, out)

@@ -35,6 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--tp-sampling", default="seq_parallel", choices=["seq_parallel", "all_gather"],
+                   help="under TP: each rank samples a slice of the rows, or every rank samples all of them")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
     g.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
@@ -76,6 +78,7 @@ def build_llm(args: argparse.Namespace):
         enable_chunked_prefill=args.enable_chunked_prefill,
         async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,
+        tp_sampling=args.tp_sampling,
         enforce_eager=args.enforce_eager,
         fused_kernels=args.fused_kernels,
         skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),

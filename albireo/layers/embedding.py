@@ -36,5 +36,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [B, vocab_size] on every rank."""
-        logits = tp_all_gather(F.linear(hidden, self.weight), dim=-1)
+        logits = tp_all_gather(self.local_logits(hidden), dim=-1)
         return logits[..., : self.vocab_size]
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits, [B, ceil(vocab_size / tp)] (padded on the last rank)."""
+        return F.linear(hidden, self.weight)

@@ -124,7 +124,10 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] for a flat batch of T tokens."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Logits for all of the vocabulary, or with gather=False only this rank's shard of it."""
+        if not gather:
+            return self.lm_head.local_logits(hidden).float()
         return self.lm_head.compute_logits(hidden).float()
 
     def attention_layers(self) -> list[Attention]:

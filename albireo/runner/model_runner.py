@@ -20,7 +20,9 @@ from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.layers.attention import AttentionMetadata
 from albireo.model.loader import build_model
 from albireo.runner.input_batch import InputBatch, RunnerRequest
+from albireo.distributed.parallel_state import tp_size
 from albireo.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, to_device
+from albireo.sampling.seq_parallel import seq_parallel_sample
 
 
 @dataclass
@@ -48,6 +50,9 @@ class ModelRunner:
         self.dtype = config.model.torch_dtype(device)
         self.model = build_model(config.model, config.arch, device, config.max_model_len)
         self.sampler = Sampler()
+        # Under TP, each rank samples a slice of the rows from full-vocabulary logits it gets by an
+        # all-to-all, instead of every rank gathering all logits and sampling every row.
+        self.seq_parallel = tp_size() > 1 and config.parallel.sampling == "seq_parallel"
         self.max_num_reqs = config.scheduler.max_num_seqs
         self.batch = InputBatch(self.max_num_reqs, config.max_model_len, self.block_size)
         self.kv_cache: torch.Tensor | None = None
@@ -143,7 +148,7 @@ class ModelRunner:
 
     def _decode_forward(self, size: int, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, gather=not self.seq_parallel)
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -247,16 +252,16 @@ class ModelRunner:
         # A request samples when this step reaches the end of its tokens, the pending ones included.
         samples = [i for i, s in enumerate(states) if s.num_computed_tokens == s.num_tokens + s.num_pending]
         sampling_states = [states[i] for i in samples]
+        sampling_rows = [
+            SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids,
+                        num_generated=len(s.output_token_ids) + s.num_pending)
+            for s in sampling_states
+        ]
         metadata = None
-        if samples:
-            metadata = SamplingMetadata.build(
-                [SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids,
-                             num_generated=len(s.output_token_ids) + s.num_pending) for s in sampling_states],
-                self.config.arch.vocab_size,
-                self.device,
-            )
-            for state in sampling_states:
-                state.num_pending += 1
+        if samples and not self.seq_parallel:
+            metadata = SamplingMetadata.build(sampling_rows, self.config.arch.vocab_size, self.device)
+        for state in sampling_states:
+            state.num_pending += 1
 
         graph_size = self._graph_size(len(states)) if samples and int(counts.max()) == 1 else None
         if graph_size is not None:
@@ -272,8 +277,11 @@ class ModelRunner:
                 self.prev_tokens, self.prev_index = None, {}
                 return None
             last = to_device((np.cumsum(counts)[samples] - 1).tolist(), torch.int64, self.device)
-            logits = self.model.compute_logits(hidden[last])
-        out = self.sampler(logits, metadata)
+            logits = self.model.compute_logits(hidden[last], gather=not self.seq_parallel)
+        if self.seq_parallel:
+            out = seq_parallel_sample(self.sampler, logits, sampling_rows, self.config.arch.vocab_size)
+        else:
+            out = self.sampler(logits, metadata)
         sampled_ids = [req_ids[i] for i in samples]
         self.prev_tokens = out.sampled_token_ids
         self.prev_index = {r: k for k, r in enumerate(sampled_ids)}

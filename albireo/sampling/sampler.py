@@ -101,7 +101,11 @@ class SamplingMetadata:
         return self.temperature.shape[0]
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingMetadata:
+    def build(
+        cls, rows: list[SamplingRow], vocab_size: int, device: torch.device, num_logprobs: int | None = None
+    ) -> SamplingMetadata:
+        """`num_logprobs` overrides the batch's largest logprobs count (ranks sampling slices of one
+        batch must all return as many columns)."""
         device = torch.device(device)
         params = [row.params for row in rows]
         greedy = [p.greedy for p in params]
@@ -172,6 +176,8 @@ class SamplingMetadata:
 
         requested = [p.logprobs for p in params if p.logprobs is not None]
         max_num_logprobs = min(max(requested), vocab_size) if requested else None
+        if num_logprobs is not None:
+            max_num_logprobs = min(num_logprobs, vocab_size)
 
         fused_temperature = fused_seeds = filtered_rows = None
         if device.type == "cuda" and kernels.use_fused and not all_greedy:

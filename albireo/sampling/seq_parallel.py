@@ -1,0 +1,61 @@
+"""Sequence-parallel sampling under tensor parallelism.
+
+The LM head leaves each rank with a vocabulary shard of every row's logits, [B, V/t]. The usual
+way (vLLM, SGLang) all-gathers them so every rank holds [B, V] and samples all B rows: t times the
+sampling work and (t-1)/t of B*V logits received per rank. Here an all-to-all instead hands each
+rank the full-vocabulary logits of its own B/t rows; it samples just those, and an all-gather of
+B token ids (and logprobs, when asked) gives every rank the whole step's tokens. Sampling work and
+logits traffic both divide by t.
+
+A row's token depends only on its own logits and parameters (seeded rows draw from a per-row
+stream), so the tokens are those of the all-gather path whichever rank samples the row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from albireo.distributed import parallel_state as ps
+from albireo.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow
+from albireo.sampling_params import SamplingParams
+
+# Rows that pad the batch to a multiple of t: sampled greedily and thrown away.
+_PADDING_ROW = SamplingRow(SamplingParams(temperature=0), [], [], [])
+
+
+def rows_to_full_vocab(local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B_pad, V/t] shards on every rank -> [B_pad/t, vocab_size] full rows for this rank's slice."""
+    t = ps.tp_size()
+    rows, shard = local_logits.shape
+    received = torch.empty_like(local_logits)
+    # Chunk s of the rows goes to rank s; what arrives is this rank's rows, one vocab shard per rank.
+    dist.all_to_all_single(received, local_logits.contiguous(), group=ps.tp_group())
+    full = received.view(t, rows // t, shard).permute(1, 0, 2).reshape(rows // t, t * shard)
+    return full[:, :vocab_size]
+
+
+def _gather_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
+    return ps.tp_all_gather(x.contiguous(), dim=0)[:batch]
+
+
+def seq_parallel_sample(
+    sampler: Sampler, local_logits: torch.Tensor, rows: list[SamplingRow], vocab_size: int
+) -> SamplerOutput:
+    """Sample every row of a TP batch, each rank doing 1/t of them; every rank gets all tokens."""
+    t, rank = ps.tp_size(), ps.tp_rank()
+    batch = len(rows)
+    per_rank = -(-batch // t)
+    padding = per_rank * t - batch
+    if padding:
+        local_logits = torch.nn.functional.pad(local_logits, (0, 0, 0, padding))
+    logits = rows_to_full_vocab(local_logits, vocab_size)
+    mine = rows[rank * per_rank : (rank + 1) * per_rank]
+    mine += [_PADDING_ROW] * (per_rank - len(mine))
+    requested = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+    metadata = SamplingMetadata.build(mine, vocab_size, logits.device, num_logprobs=max(requested, default=None))
+    out = sampler(logits, metadata)
+    if out.logprobs is None:
+        return SamplerOutput(_gather_rows(out.sampled_token_ids, batch), None, None, None)
+    return SamplerOutput(*(_gather_rows(x, batch) for x in
+                           (out.sampled_token_ids, out.logprob_token_ids, out.logprobs, out.sampled_ranks)))
