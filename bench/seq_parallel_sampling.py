@@ -1,0 +1,103 @@
+"""Sampling time and logits traffic per step: all-gather sampling vs sequence-parallel sampling.
+
+Spawns t ranks (gloo on CPU, nccl on GPUs); each holds a [B, V/t] logits shard as the LM head
+leaves it, then (a) all-gathers [B, V] and samples all B rows, or (b) all-to-alls to [B/t, V] and
+samples its rows, then all-gathers the B token ids. Prints a table and writes JSON.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from albireo.distributed import parallel_state as ps
+from albireo.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
+from albireo.sampling.seq_parallel import seq_parallel_sample
+from albireo.sampling_params import SamplingParams
+
+
+def _bench(rank, world, port, device_type, batch, vocabs, iters, queue):
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ps.set_tensor_parallel_group(dist.group.WORLD)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    sampler = Sampler()
+    rows = [SamplingRow(SamplingParams(temperature=1.0, top_p=0.95, seed=i), [], [], []) for i in range(batch)]
+    results = []
+    for vocab in vocabs:
+        shard = -(-vocab // world)
+        local = torch.randn(batch, shard, device=device)
+
+        def all_gather_path():
+            full = ps.tp_all_gather(local, dim=-1)[:, :vocab]
+            return sampler(full, SamplingMetadata.build(rows, vocab, device)).sampled_token_ids
+
+        def seq_parallel_path():
+            return seq_parallel_sample(sampler, local, rows, vocab).sampled_token_ids
+
+        for name, fn in (("all_gather", all_gather_path), ("seq_parallel", seq_parallel_path)):
+            times = []
+            for i in range(iters + 2):
+                dist.barrier()
+                if device_type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                fn()
+                if device_type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+            received = batch * vocab * 4 * (world - 1) / world
+            if name == "seq_parallel":
+                received = received / world + batch * 8 * (world - 1) / world
+            results.append({"vocab": vocab, "path": name, "ms": statistics.median(times) * 1e3,
+                            "bytes_received_per_rank": int(received)})
+    if rank == 0:
+        queue.put(results)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 151936])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    ctx = mp.get_context("spawn")
+    record = {"device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu", "batch": args.batch,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "runs": []}
+    print(f"{'tp':>3} {'vocab':>7} {'path':>13} {'ms/step':>9} {'MB recv/rank':>13}")
+    for world in args.tp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_bench, args=(r, world, port, device_type, args.batch, args.vocab, args.iters, queue))
+                 for r in range(world)]
+        for proc in procs:
+            proc.start()
+        results = queue.get()
+        for proc in procs:
+            proc.join()
+        for r in results:
+            r["tp"] = world
+            record["runs"].append(r)
+            print(f"{world:>3} {r['vocab']:>7} {r['path']:>13} {r['ms']:>9.2f} {r['bytes_received_per_rank'] / 1e6:>13.2f}")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
