@@ -267,6 +267,8 @@ class EngineConfig:
     enforce_eager: bool = False
     # Fused Triton RMSNorm/RoPE/SiLU-and-mul on CUDA instead of the torch versions.
     fused_kernels: bool = True
+    # Record per-step host phases and GPU times (albireo bench amdahl); costs a few events a step.
+    profile_steps: bool = False
     arch: ArchConfig = field(init=False)
 
     def __post_init__(self) -> None:

@@ -21,7 +21,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="benchmarks/results")
 
 
-def run(args: argparse.Namespace, llm) -> dict:
+def run(args: argparse.Namespace, make_llm) -> dict:
+    llm = make_llm()
     engine = llm.engine
     prompts = random_prompts(args.batch_size, args.input_len, engine.config.arch.vocab_size)
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)

@@ -24,7 +24,8 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> lis
     return rng.integers(100, vocab_size - 100, size=(num, length)).tolist()
 
 
-def run(args: argparse.Namespace, llm) -> dict:
+def run(args: argparse.Namespace, make_llm) -> dict:
+    llm = make_llm()
     engine = llm.engine
     prompts = random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)

@@ -65,6 +65,8 @@ class SampledTokens:
     token_ids: list[int]
     # Per request: (token ids, logprobs, rank of the sampled token) when logprobs were asked for.
     logprobs: list[tuple[list[int], list[float], int] | None] | None = None
+    # Milliseconds of forward, sampling and GPU idle before the step, when steps are profiled.
+    device_times: dict[str, float] | None = None
 
 
 @dataclass

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
+from contextlib import nullcontext
 
 from albireo.config import EngineConfig
 from albireo.core.scheduler import EngineCoreOutput, Scheduler
 from albireo.engine.request import Request
 from albireo.executor.executor import make_executor
+from albireo.profiling.step_timeline import StepTimeline
 
 
 class EngineCore:
@@ -27,6 +29,7 @@ class EngineCore:
         # Steps launched whose results have not been folded back yet: at most one under async
         # scheduling, none in the sequential loop.
         self.in_flight: deque = deque()
+        self.timeline = StepTimeline() if config.profile_steps else None
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -47,15 +50,25 @@ class EngineCore:
         if self.scheduler.has_unfinished_requests():
             if self.in_flight and self._needs_host_tokens():
                 return self._collect_oldest()
-            plan = self.scheduler.schedule()
-            self.in_flight.append((plan, self.executor.execute_model(plan)))
+            with self._phase("schedule"):
+                plan = self.scheduler.schedule()
+            with self._phase("launch"):
+                self.in_flight.append((plan, self.executor.execute_model(plan)))
             if len(self.in_flight) == 1 and self.config.scheduler.async_scheduling and not plan.is_empty:
                 return []
         return self._collect_oldest() if self.in_flight else []
 
     def _collect_oldest(self) -> list[EngineCoreOutput]:
         plan, handle = self.in_flight.popleft()
-        return self.scheduler.update_from_output(plan, self.executor.collect(handle))
+        with self._phase("wait"):
+            sampled = self.executor.collect(handle)
+        if self.timeline is not None and sampled.device_times is not None:
+            self.timeline.add_device_times(sampled.device_times)
+        with self._phase("update"):
+            return self.scheduler.update_from_output(plan, sampled)
+
+    def _phase(self, name: str):
+        return self.timeline.phase(name) if self.timeline is not None else nullcontext()
 
     def _needs_host_tokens(self) -> bool:
         return any(

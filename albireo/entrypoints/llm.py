@@ -41,6 +41,7 @@ class LLM:
         skip_tokenizer_init: bool = False,
         enforce_eager: bool = False,
         fused_kernels: bool = True,
+        profile_steps: bool = False,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model, tokenizer, load_format, dtype, max_model_len, seed, skip_tokenizer_init),
@@ -50,6 +51,7 @@ class LLM:
             device=device,
             enforce_eager=enforce_eager,
             fused_kernels=fused_kernels,
+            profile_steps=profile_steps,
         )
         self.engine = LLMEngine(config)
 

@@ -9,6 +9,7 @@ nearest batch-size bucket.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,8 @@ class StepHandle:
     tokens: torch.Tensor  # host tensor, valid once `event` has completed
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     event: torch.cuda.Event | None
+    # When steps are profiled: start, end of forward, end of sampling (CUDA events, or host times).
+    marks: list | None = None
 
 
 def graph_batch_sizes(max_size: int) -> list[int]:
@@ -79,6 +82,8 @@ class ModelRunner:
         self.tokens_home = [torch.zeros(self.max_num_reqs, dtype=torch.int64, pin_memory=on_gpu) for _ in range(2)]
         # Marks when the last step's staged inputs have left the pinned buffers.
         self.staged: torch.cuda.Event | None = None
+        # End of the last profiled step's GPU work, to measure how long the GPU then sat idle.
+        self.prev_end = None
 
     # ---- KV cache ----------------------------------------------------------------------------------
 
@@ -263,6 +268,7 @@ class ModelRunner:
         for state in sampling_states:
             state.num_pending += 1
 
+        marks = [self._mark()] if self.config.profile_steps else None
         graph_size = self._graph_size(len(states)) if samples and int(counts.max()) == 1 else None
         if graph_size is not None:
             self._stage(rows, starts, counts, carried, pad_to=graph_size)
@@ -275,17 +281,39 @@ class ModelRunner:
             hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
             if not samples:
                 self.prev_tokens, self.prev_index = None, {}
+                self.prev_end = None  # a step without samples is not profiled: no gap to measure
                 return None
             last = to_device((np.cumsum(counts)[samples] - 1).tolist(), torch.int64, self.device)
             logits = self.model.compute_logits(hidden[last], gather=not self.seq_parallel)
+        if marks is not None:
+            marks.append(self._mark())
         if self.seq_parallel:
             out = seq_parallel_sample(self.sampler, logits, sampling_rows, self.config.arch.vocab_size)
         else:
             out = self.sampler(logits, metadata)
+        if marks is not None:
+            marks.append(self._mark())
         sampled_ids = [req_ids[i] for i in samples]
         self.prev_tokens = out.sampled_token_ids
         self.prev_index = {r: k for k, r in enumerate(sampled_ids)}
-        return self._send_home(out, sampled_ids, sampling_states)
+        handle = self._send_home(out, sampled_ids, sampling_states)
+        handle.marks = marks
+        return handle
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _device_times(self, marks: list) -> dict[str, float]:
+        start, forward_end, end = marks
+        if self.device.type != "cuda":
+            return {"forward": (forward_end - start) * 1e3, "sample": (end - forward_end) * 1e3, "gpu_idle": 0.0}
+        idle = self.prev_end.elapsed_time(start) if self.prev_end is not None else 0.0
+        self.prev_end = end
+        return {"forward": start.elapsed_time(forward_end), "sample": forward_end.elapsed_time(end), "gpu_idle": idle}
 
     def _send_home(self, out: SamplerOutput, req_ids: list[str], states: list[RunnerRequest]) -> StepHandle:
         """Start copying the step's tokens (and logprobs) to the host; an event marks their arrival."""
@@ -321,7 +349,8 @@ class ModelRunner:
             for i, state in enumerate(handle.states):
                 k = state.sampling_params.logprobs
                 logprobs.append(None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]))
-        return SampledTokens(handle.req_ids, token_ids, logprobs)
+        times = None if handle.marks is None else self._device_times(handle.marks)
+        return SampledTokens(handle.req_ids, token_ids, logprobs, times)
 
     def _graph_size(self, num_reqs: int) -> int | None:
         return next((size for size in sorted(self.graphs) if size >= num_reqs), None)

@@ -1,0 +1,118 @@
+"""The serial part of a step, measured: per-step breakdown with async scheduling on and off, the
+serial fraction, and the tensor-parallel degree past which more GPUs stop paying.
+
+Model: a step at TP degree t costs T(t) = T_gpu / t + T_comm(t) + T_serial, with T_gpu the GPU
+compute of a step at t=1 (forward + sampling), T_serial the rest of the wall time of a step (host
+work and copies the GPU waited for), and T_comm(t) = (all-reduces per step) x (latency of one),
+zero at t=1. The predicted best degree t_e is the smallest t whose doubling gains under 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from albireo.bench.throughput import random_prompts
+from albireo.profiling.step_timeline import DEVICE_PHASES, HOST_PHASES, StepSummary
+from albireo.sampling_params import SamplingParams
+
+TP_DEGREES = (1, 2, 4, 8, 16)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", default="W5")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--allreduce-us", type=float, default=18.0,
+                        help="latency of one all-reduce inside a CUDA graph (BENCHMARKS.md: ~18 us on H100 x2)")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+
+
+def predict(summary: StepSummary, allreduces_per_step: int, allreduce_us: float) -> dict:
+    t_gpu, t_serial = summary.gpu_busy_ms, summary.serial_ms
+    comm = allreduces_per_step * allreduce_us / 1000
+    step = {t: t_gpu / t + (comm if t > 1 else 0.0) + t_serial for t in TP_DEGREES}
+    speedup = {t: step[1] / step[t] for t in TP_DEGREES}
+    best = next((t for t in TP_DEGREES[:-1] if speedup[2 * t] / speedup[t] < 1.1), TP_DEGREES[-1])
+    return {"predicted_step_ms": step, "predicted_speedup": speedup, "predicted_best_tp": best}
+
+
+def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, int]:
+    llm = make_llm()
+    engine = llm.engine
+    prompts = random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)
+    llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    timeline = engine.core.core.timeline  # the in-process EngineCore's
+    timeline.__init__()  # forget the warm-up
+    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    summary = timeline.summary()
+    layers = engine.config.arch.num_layers
+    engine.shutdown()
+    del llm, engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return summary, tokens / elapsed, 2 * layers
+
+
+def plot(results: dict[str, StepSummary], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (host_ax, dev_ax) = plt.subplots(1, 2, figsize=(11, 3.2), sharey=True)
+    modes = list(results)
+    for ax, phases, title in ((host_ax, HOST_PHASES, "host (engine loop)"), (dev_ax, DEVICE_PHASES, "GPU")):
+        left = [0.0] * len(modes)
+        for phase in phases:
+            widths = [results[m].phases_ms[phase] for m in modes]
+            ax.barh(modes, widths, left=left, label=phase)
+            left = [a + b for a, b in zip(left, widths)]
+        for i, m in enumerate(modes):
+            ax.plot([results[m].wall_ms] * 2, [i - 0.4, i + 0.4], color="black", lw=2)
+        ax.set_title(f"{title}; black: wall time per step")
+        ax.set_xlabel("ms per step")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace, make_llm) -> dict:
+    results: dict[str, StepSummary] = {}
+    record: dict = {"workload": args.workload, "model": args.model_name, "input_len": args.input_len,
+                    "output_len": args.output_len, "num_prompts": args.num_prompts, "modes": {}}
+    for mode in ("async", "sync"):
+        args.async_scheduling = mode == "async"
+        summary, tokens_per_s, allreduces = _profile(args, make_llm)
+        results[mode] = summary
+        record["modes"][mode] = {
+            "output_tokens_per_s": tokens_per_s,
+            "steps": summary.num_steps,
+            "wall_ms_per_step": summary.wall_ms,
+            "phases_ms_per_step": summary.phases_ms,
+            "serial_fraction": summary.serial_fraction,
+            "gpu_idle_fraction": summary.gpu_idle_fraction,
+            **predict(summary, allreduces, args.allreduce_us),
+        }
+        m = record["modes"][mode]
+        print(f"{mode}: {tokens_per_s:.0f} tok/s, {summary.wall_ms:.2f} ms/step, serial fraction "
+              f"{summary.serial_fraction:.3f}, GPU idle {summary.gpu_idle_fraction:.1%}, "
+              f"predicted best TP {m['predicted_best_tp']}")
+        print("  " + ", ".join(f"{k} {v:.2f}" for k, v in summary.phases_ms.items()))
+    png = Path(args.out_dir) / f"amdahl-{args.workload}-{args.model_name}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, png)
+    record["plot"] = str(png)
+    record["tp"] = 1
+    return record

@@ -1,0 +1,46 @@
+"""The benchmark commands write the records BENCHMARKS.md asks for; the Amdahl model predicts sanely."""
+
+import json
+
+from albireo.bench.amdahl import predict
+from albireo.entrypoints.cli import main
+from albireo.profiling.step_timeline import StepSummary
+
+
+def summary(wall: float, forward: float, sample: float) -> StepSummary:
+    phases = {"schedule": 0, "launch": 0, "wait": 0, "update": 0, "forward": forward, "sample": sample, "gpu_idle": 0}
+    return StepSummary(num_steps=10, wall_ms=wall, phases_ms=phases)
+
+
+def test_no_serial_part_means_tp_keeps_paying():
+    p = predict(summary(10.0, 9.0, 1.0), allreduces_per_step=0, allreduce_us=0.0)
+    assert p["predicted_speedup"][8] == 8.0
+    assert p["predicted_best_tp"] == 16
+
+
+def test_a_large_serial_part_stops_tp_early():
+    # 5 ms of GPU work and 5 ms serial: t=2 gives 10/7.5, t=4 gives 10/6.25 (+20%), t=8 10/5.625 (+11%)
+    p = predict(summary(10.0, 4.0, 1.0), allreduces_per_step=0, allreduce_us=0.0)
+    assert abs(p["predicted_speedup"][2] - 10 / 7.5) < 1e-9
+    assert p["predicted_best_tp"] == 8
+
+
+def test_serial_fraction_is_the_share_of_wall_time_outside_gpu_work():
+    assert summary(10.0, 6.0, 1.0).serial_fraction == 0.3
+
+
+def test_bench_throughput_and_amdahl_write_records(tiny_model, tmp_path):
+    path = tiny_model("llama")
+    common = ["--model", path, "--num-prompts", "6", "--input-len", "8", "--output-len", "4", "--out-dir", str(tmp_path)]
+    main(["bench", "throughput", "--workload", "W5", *common])
+    main(["bench", "amdahl", "--workload", "W5", *common])
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    for record in (json.loads(p.read_text()) for p in tmp_path.glob("*.json")):
+        assert {"workload", "model", "tp", "device", "torch", "commit", "date"} <= set(record)
+        if "modes" in record:
+            assert set(record["modes"]) == {"async", "sync"}
+            assert record["modes"]["async"]["steps"] > 0
+        else:
+            assert record["output_tokens_per_s"] > 0 and record["async_scheduling"] is True
+            assert record["num_prompts"] == 6
+    assert list(tmp_path.glob("amdahl-*.png"))
