@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,9 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; ALBIREO_COMMIT wins (a copy of the tree without .git, as on the GPU machine)."""
+    if os.environ.get("ALBIREO_COMMIT"):
+        return os.environ["ALBIREO_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         return out.stdout.strip()
