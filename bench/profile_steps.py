@@ -1,10 +1,13 @@
 """Profile engine steps on the GPU: which kernels take the time, and how busy the GPU is.
 
 Runs a throughput-style workload with dummy weights, skips the first steps, profiles the next
-ones with torch.profiler and prints the kernel table plus wall time vs GPU-busy time per step.
+ones with torch.profiler and prints the kernel table plus wall time vs GPU-busy time per step;
+with --host, profiles the Python side with cProfile instead (torch.profiler inflates host time).
 """
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -25,6 +28,7 @@ def main() -> None:
     p.add_argument("--skip-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--host", action="store_true", help="cProfile the host side instead")
     args = p.parse_args()
 
     llm = LLM(args.model, load_format="dummy", max_model_len=2048, max_num_seqs=args.max_num_seqs,
@@ -37,6 +41,15 @@ def main() -> None:
     for _ in range(args.skip_steps):
         engine.step()
     torch.cuda.synchronize()
+    if args.host:
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        host.disable()
+        pstats.Stats(host).sort_stats("tottime").print_stats(25)
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):

@@ -1,14 +1,5 @@
-"""Triton paged-attention kernels vs the torch reference, on CPU through the Triton interpreter.
-
-Triton picks interpreter or compiler when a function is decorated with @triton.jit, and its own
-helpers (tl.sum, tl.cdiv, ...) are decorated when triton is first imported. So the interpreter has
-to be on before that import:
-
-* if triton is not imported yet and there is no GPU (or TRITON_INTERPRET=1 is already set), this
-  module sets TRITON_INTERPRET=1 and the tests run in this process; the variable stays set;
-* otherwise (triton already imported compiled by an earlier module, or a GPU machine, where
-  turning this process into an interpreter would break the GPU tests collected alongside) the
-  in-process tests skip and one test re-runs this file in a child process with TRITON_INTERPRET=1.
+"""Triton paged-attention kernels vs the torch reference, on CPU through the Triton interpreter
+(tests/interpreter.py says when it runs in this process and when in a child process).
 
 Shapes stay small: the interpreter runs every program of the grid in Python.
 """
@@ -16,9 +7,6 @@ Shapes stay small: the interpreter runs every program of the grid in Python.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,54 +15,21 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 
-def _interpreter_usable() -> bool:
-    if "triton" in sys.modules:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
+import interpreter  # noqa: E402
 
-        return isinstance(tl.sum, InterpretedFunction)
-    return os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
-
-
-IN_PROCESS = _interpreter_usable()
-if IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+IN_PROCESS = interpreter.enable()
 
 from albireo.kernels import reference  # noqa: E402
 
 interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled here; the subprocess test runs these")
 
-
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns a scalar into an int with int(array of shape (1,)), which
-    NumPy >= 2.4 rejects, so `range(lo, hi)` over runtime scalars fails (triton-lang/triton#9171).
-    Re-define that one conversion to go through .item(); harmless where the bug is fixed."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_albireo_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patched._albireo_index_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
 if IN_PROCESS:
-    _patch_interpreter_index()
     from albireo.kernels import triton_attention as ta
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
 def test_in_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout
+    interpreter.run_in_subprocess(__file__)
 
 
 # ---------------------------------------------------------------------------------------------

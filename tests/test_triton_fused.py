@@ -1,33 +1,18 @@
-"""The fused Triton kernels against the torch layers they replace, on CPU via the Triton interpreter.
-
-The interpreter must be switched on (TRITON_INTERPRET=1) before triton is first imported: triton's
-own library functions (tl.sum, ...) are decorated at import time. So:
-
-* if triton is not imported yet and there is no GPU, this module sets TRITON_INTERPRET=1 and runs
-  the tests in this process (the variable stays set: triton is in interpreter mode for good);
-* if TRITON_INTERPRET=1 was already set, likewise;
-* otherwise (triton already imported by an earlier test module, or a GPU machine, where switching
-  the process to the interpreter would break the real GPU kernel tests collected alongside), the
-  in-process tests skip and one test re-runs this file in a child process with TRITON_INTERPRET=1.
+"""The fused Triton kernels against the torch layers they replace, on CPU via the Triton interpreter
+(tests/interpreter.py says when it runs in this process and when in a child process).
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-_IN_PROCESS = os.environ.get("TRITON_INTERPRET") == "1" or (
-    "triton" not in sys.modules and not torch.cuda.is_available()
-)
-if _IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
-
 pytest.importorskip("triton")
+
+import interpreter  # noqa: E402
+
+_IN_PROCESS = interpreter.enable()
 
 from albireo.layers.norm import RMSNorm  # noqa: E402
 from albireo.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -35,11 +20,7 @@ from albireo.layers.rotary import RotaryEmbedding  # noqa: E402
 
 @pytest.mark.skipif(_IN_PROCESS, reason="this process already runs the interpreter tests")
 def test_in_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    interpreter.run_in_subprocess(__file__)
 
 
 @pytest.fixture(scope="module")
