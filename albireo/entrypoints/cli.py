@@ -82,6 +82,7 @@ def build_llm(args: argparse.Namespace):
         enforce_eager=args.enforce_eager,
         fused_kernels=args.fused_kernels,
         skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),
+        profile_steps=getattr(args, "profile_steps", False),
     )
 
 
@@ -170,14 +171,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from albireo.bench import latency, throughput
+    from albireo.bench import amdahl, latency, throughput
     from albireo.bench.record import write_record
 
-    module = {"throughput": throughput, "latency": latency}[args.bench]
+    module = {"throughput": throughput, "latency": latency, "amdahl": amdahl}[args.bench]
     path = Path(args.model or "smollm2-135m.gguf")
     args.model_name = args.model_name or (path.stem if path.suffix == ".gguf" else path.name)
-    llm = build_llm(args)
-    record = module.run(args, llm)
+    record = module.run(args, lambda: build_llm(args))
     print(f"record: {write_record(record, args.out_dir)}")
 
 
@@ -200,17 +200,18 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON records to benchmarks/results/")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from albireo.bench import latency, throughput
+    from albireo.bench import amdahl, latency, throughput
 
     for name, module, text in (
         ("throughput", throughput, "offline throughput on random-token prompts (dummy weights welcome)"),
         ("latency", latency, "end-to-end latency of one batch"),
+        ("amdahl", amdahl, "per-step breakdown, serial fraction and best TP degree, async on and off"),
     ):
         p = bench_sub.add_parser(name, help=text)
         module.add_args(p)
         p.add_argument("--model-name", default=None, help="the shape's name in the record (default: the model path's)")
         add_engine_args(p)
-        p.set_defaults(func=cmd_bench, skip_tokenizer_init=True)
+        p.set_defaults(func=cmd_bench, skip_tokenizer_init=True, profile_steps=name == "amdahl")
 
     args = parser.parse_args(argv)
     try:

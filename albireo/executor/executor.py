@@ -1,8 +1,9 @@
 """The engine core's handle on its workers.
 
 With one device the worker lives in the engine-core process (UniProcExecutor). With tensor
-parallelism each rank is a worker process (MultiProcExecutor) that receives every command in
-order; rank 0 sends the sampled tokens back. A worker that dies makes the next wait fail with an
+parallelism each rank is a worker process (MultiProcExecutor) that reads every command, in order,
+from one shared-memory ring (step plans in a compact binary encoding, no pickle per step); rank 0
+sends the sampled tokens back over a pipe. A worker that dies makes the next wait fail with an
 error naming its rank, and the other workers are stopped.
 """
 
@@ -14,7 +15,16 @@ import time
 
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
-from albireo.executor.worker import Worker, run_worker
+from albireo.executor.shm_ring import ShmRing, encode_plan
+from albireo.executor.worker import (
+    AVAILABLE_KV_BLOCKS,
+    COLLECT,
+    EXECUTE,
+    INIT_KV_CACHE,
+    SHUTDOWN,
+    Worker,
+    run_worker,
+)
 from albireo.runner.model_runner import StepHandle
 
 
@@ -54,13 +64,14 @@ class MultiProcExecutor:
         world_size = config.parallel.tensor_parallel_size
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.ring = ShmRing.create(num_readers=world_size)
         self.conns = []
         self.procs = []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=run_worker,
-                args=(config, rank, world_size, init_method, child),
+                args=(config, rank, world_size, init_method, self.ring.handle(), child),
                 name=f"albireo-worker-{rank}",
                 daemon=True,
             )
@@ -71,12 +82,17 @@ class MultiProcExecutor:
         for rank in range(world_size):
             self._reply(rank)
 
-    def _send(self, command: str, arg=None) -> None:
-        for rank, conn in enumerate(self.conns):
+    def _send(self, command: bytes, payload: bytes = b"") -> None:
+        """Broadcast a command; while the ring is full, check that every reader is still alive."""
+        message = command + payload
+        while True:
             try:
-                conn.send((command, arg))
-            except (BrokenPipeError, OSError):
-                self._fail(rank)
+                self.ring.put(message, timeout=0.1)
+                return
+            except TimeoutError:
+                for rank, proc in enumerate(self.procs):
+                    if not proc.is_alive():
+                        self._fail(rank)
 
     def _reply(self, rank: int):
         """Wait for a rank's answer, watching every worker so that a dead one cannot hang us."""
@@ -105,34 +121,35 @@ class MultiProcExecutor:
         raise WorkerDiedError(f"worker rank {rank} died (exit code {code}); the engine has stopped its other workers")
 
     def available_kv_blocks(self) -> int:
-        self._send("available_kv_blocks")
+        self._send(AVAILABLE_KV_BLOCKS)
         return min(self._reply(rank) for rank in range(len(self.procs)))
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        self._send("init_kv_cache", num_blocks)
+        self._send(INIT_KV_CACHE, num_blocks.to_bytes(8, "little"))
         for rank in range(len(self.procs)):
             self._reply(rank)
 
     def execute_model(self, plan: SchedulerOutput) -> int:
-        self._send("execute", plan)
+        self._send(EXECUTE, encode_plan(plan))
         return 0
 
     def collect(self, handle: int) -> SampledTokens:
-        self._send("collect")
+        self._send(COLLECT)
         return self._reply(0)
 
     def shutdown(self) -> None:
-        for conn in self.conns:
-            try:
-                conn.send(("shutdown", None))
-            except (BrokenPipeError, OSError):
-                pass
+        if self.ring.closed:
+            return
+        try:
+            self.ring.put(SHUTDOWN, timeout=1.0)
+        except TimeoutError:
+            pass  # a reader is gone or stuck: it is killed below
         for proc in self.procs:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-        self.conns, self.procs = [], []
+        self.ring.unlink()
 
 
 def make_executor(config: EngineConfig) -> UniProcExecutor | MultiProcExecutor:

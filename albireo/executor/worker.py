@@ -13,7 +13,12 @@ from albireo import kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.distributed.parallel_state import init_distributed, shutdown_distributed
+from albireo.executor.shm_ring import ShmRing, ShmRingHandle, decode_plan
 from albireo.runner.model_runner import ModelRunner, StepHandle
+
+
+# Command tags: the first byte of each message on the ring.
+EXECUTE, COLLECT, AVAILABLE_KV_BLOCKS, INIT_KV_CACHE, SHUTDOWN = b"E", b"C", b"K", b"I", b"S"
 
 
 class Worker:
@@ -56,37 +61,45 @@ class Worker:
         return self.runner.collect(handle)
 
 
-def run_worker(config: EngineConfig, rank: int, world_size: int, init_method: str, conn: Connection) -> None:
+def run_worker(
+    config: EngineConfig, rank: int, world_size: int, init_method: str, ring: ShmRingHandle, conn: Connection
+) -> None:
     """A worker process: join the TP group, build this rank's shard, then serve the engine's commands.
 
-    Commands arrive in order on `conn`; "execute" launches a step, "collect" finishes the oldest
-    launched one (rank 0 sends its tokens back), so a step can be launched before the previous one
-    is collected, as the engine core's async loop does.
+    Commands arrive in order on the shared-memory ring, one tag byte then the payload (a step plan
+    in the ring's compact encoding for "execute"); replies go back on `conn`. "execute" launches a
+    step and "collect" finishes the oldest launched one (rank 0 sends its tokens back), so a step
+    can be launched before the previous one is collected, as the engine core's async loop does.
     """
+    commands = None
     try:
         backend = "nccl" if config.device == "cuda" else "gloo"
         init_distributed(rank, world_size, init_method, backend)
+        commands = ShmRing.attach(ring, rank)
         worker = Worker(config, rank)
         conn.send(("ok", None))
         launched: deque[StepHandle | None] = deque()
         while True:
-            command, arg = conn.recv()
-            if command == "execute":
-                launched.append(worker.execute_model(arg))
-            elif command == "collect":
+            message = commands.get()
+            command, payload = message[:1], memoryview(message)[1:]
+            if command == EXECUTE:
+                launched.append(worker.execute_model(decode_plan(payload)))
+            elif command == COLLECT:
                 result = worker.collect(launched.popleft())
                 if rank == 0:
                     conn.send(("ok", result))
-            elif command == "available_kv_blocks":
+            elif command == AVAILABLE_KV_BLOCKS:
                 conn.send(("ok", worker.available_kv_blocks()))
-            elif command == "init_kv_cache":
-                worker.init_kv_cache(arg)
+            elif command == INIT_KV_CACHE:
+                worker.init_kv_cache(int.from_bytes(payload, "little"))
                 conn.send(("ok", None))
-            elif command == "shutdown":
+            elif command == SHUTDOWN:
                 break
     except (EOFError, KeyboardInterrupt):
         pass  # the engine went away: exit quietly
     except Exception:
         conn.send(("error", traceback.format_exc()))
     finally:
+        if commands is not None:
+            commands.close()
         shutdown_distributed()
