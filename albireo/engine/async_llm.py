@@ -68,31 +68,45 @@ class AsyncLLMEngine:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start pulling outputs; call from the event loop that will run generate()."""
-        if self._reader is not None:
+        """Start pulling outputs; call from the event loop that will run generate().
+
+        Called again from another loop (a new asyncio.run), the reader moves to that loop.
+        """
+        loop = asyncio.get_running_loop()
+        if self._reader is not None and self._reader.is_alive() and self._loop is loop:
             return
-        self._loop = asyncio.get_running_loop()
+        self._stop_reader()
+        self._loop = loop
         self._reader = threading.Thread(target=self._read_outputs, name="albireo-output-reader", daemon=True)
         self._reader.start()
 
-    def shutdown(self) -> None:
+    def _stop_reader(self) -> None:
         self._stop.set()
         if self._reader is not None:
             self._reader.join()
+        self._reader = None
+        self._stop.clear()
+
+    def shutdown(self) -> None:
+        self._stop_reader()
         self.client.shutdown()
         self._fail_all(EngineDeadError("the engine is shutting down"))
 
     def _read_outputs(self) -> None:
-        assert self._loop is not None
-        while not self._stop.is_set():
-            try:
-                outputs = self.client.get_outputs(timeout=_READER_POLL_S)
-            except EngineDeadError as e:
-                if not self._stop.is_set():
-                    self._loop.call_soon_threadsafe(self._fail_all, e)
-                return
-            if outputs:
-                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        loop = self._loop
+        assert loop is not None
+        try:
+            while not self._stop.is_set():
+                try:
+                    outputs = self.client.get_outputs(timeout=_READER_POLL_S)
+                except EngineDeadError as e:
+                    if not self._stop.is_set():
+                        loop.call_soon_threadsafe(self._fail_all, e)
+                    return
+                if outputs:
+                    loop.call_soon_threadsafe(self._dispatch, outputs)
+        except RuntimeError:
+            pass  # the event loop closed under us: nobody is left to deliver to
 
     def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
         for out in self.engine.process_outputs(outputs):

@@ -181,6 +181,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"record: {write_record(record, args.out_dir)}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from albireo.entrypoints.openai.server import run_server
+
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    run_server(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="albireo", description="Albireo LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    from albireo.entrypoints.openai.args import add_serve_args
+
+    add_serve_args(serve)
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
     bench = sub.add_parser("bench", help="benchmarks that write JSON records to benchmarks/results/")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from albireo.bench import amdahl, latency, throughput
@@ -212,6 +228,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--model-name", default=None, help="the shape's name in the record (default: the model path's)")
         add_engine_args(p)
         p.set_defaults(func=cmd_bench, skip_tokenizer_init=True, profile_steps=name == "amdahl")
+    from albireo.bench import serve as bench_serve
+
+    p = bench_sub.add_parser("serve", help="online serving (Poisson arrivals) against an OpenAI-compatible URL")
+    bench_serve.add_args(p)
+    p.set_defaults(func=bench_serve.main)
 
     args = parser.parse_args(argv)
     try:
