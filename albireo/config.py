@@ -307,3 +307,40 @@ class EngineConfig:
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
+
+def engine_config(
+    model: str | None = None,
+    *,
+    tokenizer: str | None = None,
+    load_format: str = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    max_model_len: int | None = None,
+    block_size: int = 16,
+    enable_prefix_caching: bool = True,
+    gpu_memory_utilization: float = 0.9,
+    cpu_kv_cache_gb: float = 1.0,
+    num_kv_blocks: int | None = None,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 8192,
+    enable_chunked_prefill: bool = True,
+    async_scheduling: bool = True,
+    tensor_parallel_size: int = 1,
+    tp_sampling: str = "seq_parallel",
+    skip_tokenizer_init: bool = False,
+    enforce_eager: bool = False,
+    fused_kernels: bool = True,
+    profile_steps: bool = False,
+) -> EngineConfig:
+    """An EngineConfig from flat keyword arguments: what LLM(...), the CLI and the server take."""
+    return EngineConfig(
+        model=ModelConfig(model, tokenizer, load_format, dtype, max_model_len, seed, skip_tokenizer_init),
+        cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization, cpu_kv_cache_gb, num_kv_blocks),
+        scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, async_scheduling),
+        parallel=ParallelConfig(tensor_parallel_size, tp_sampling),
+        device=device,
+        enforce_eager=enforce_eager,
+        fused_kernels=fused_kernels,
+        profile_steps=profile_steps,
+    )

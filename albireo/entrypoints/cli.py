@@ -58,11 +58,10 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def build_llm(args: argparse.Namespace):
-    from albireo.entrypoints.llm import LLM
-
-    return LLM(
-        args.model,
+def engine_args(args: argparse.Namespace) -> dict:
+    """The engine flags as albireo.config.engine_config's keyword arguments."""
+    return dict(
+        model=args.model,
         tokenizer=args.tokenizer,
         load_format=args.load_format,
         dtype=args.dtype,
@@ -84,6 +83,12 @@ def build_llm(args: argparse.Namespace):
         skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),
         profile_steps=getattr(args, "profile_steps", False),
     )
+
+
+def build_llm(args: argparse.Namespace):
+    from albireo.entrypoints.llm import LLM
+
+    return LLM(**engine_args(args))
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
