@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 API_KEY = "sk-test"
 
@@ -286,6 +289,210 @@ def test_queue_limit_dead_engine_and_sigterm(tiny_model):
         assert not _wait_gone(children)
     finally:
         s.stop()
+
+
+def test_200_concurrent_streams_all_complete_exactly(server):
+    """200 streams at once, completions and chat mixed: every one ends with exactly max_tokens tokens."""
+    aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+    async def one(i: int) -> tuple[int, int, str | None, int]:
+        common = dict(model="tiny", max_tokens=3, temperature=0 if i % 2 else 0.8, seed=i, stream=True,
+                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        if i % 3:
+            stream = await aclient.completions.create(prompt=f"Request {i} says", **common)
+        else:
+            stream = await aclient.chat.completions.create(
+                messages=[{"role": "user", "content": f"Request {i}: hello"}], **common)
+        usage, finish, usage_chunks = None, None, 0
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage, usage_chunks = chunk.usage, usage_chunks + 1
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+        return i, usage.completion_tokens, finish, usage_chunks
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(200)))
+        finally:
+            await aclient.close()
+
+    t0 = time.monotonic()
+    results = asyncio.run(main())
+    assert [r[0] for r in results] == list(range(200))  # none lost
+    assert [r[1:] for r in results] == [(3, "length", 1)] * 200
+    assert time.monotonic() - t0 < 60
+    deadline = time.monotonic() + 10
+    while server.metric("albireo_num_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("albireo_num_requests_running") == 0
+    assert server.metric("albireo_kv_cache_usage_perc") == 0
+
+
+# ---- property-based fuzzing of the request bodies -------------------------------------------------
+
+# Text that may hold lone surrogates: JSON's "\\ud800" escapes decode to them on the server.
+_TEXT = st.characters(codec=None, exclude_categories=()) | st.sampled_from(["\ud800", "\udfff"])
+
+_JUNK_SCALAR = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["", "NaN", "nan", "inf", "-inf", "Infinity", "1e999", "3", "-1", "0x10", "null", "true",
+                     "\x00", "\ud800", "😀" * 3]),
+)
+_JUNK = st.recursive(_JUNK_SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                            st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                     max_leaves=6)
+
+
+def _field(valid, extra=st.nothing()):
+    """Mostly a valid value, sometimes junk or an edge value."""
+    return st.one_of(valid, valid, extra, _JUNK)
+
+
+_INTS = st.sampled_from([-(2**63) - 1, -(2**63), -1, 0, 2**31, 2**32 + 1, 2**63 - 1, 2**63, 2**64, 10**9, 10**30])
+_SAMPLING = {
+    # Valid max_tokens stay tiny so the requests that succeed finish fast.
+    "max_tokens": st.one_of(st.integers(1, 3), st.integers(1, 3), _INTS, st.just(255), _JUNK),
+    "temperature": _field(st.floats(0, 2), st.sampled_from([-1, 1e308, -0.0, 1e-300])),
+    "top_p": _field(st.floats(0.01, 1), st.sampled_from([0, 1.0000001, -1, 2])),
+    "top_k": _field(st.integers(-1, 600), _INTS),
+    "min_p": _field(st.floats(0, 1), st.sampled_from([-0.1, 1.5])),
+    "n": _field(st.integers(1, 5), st.one_of(_INTS, st.sampled_from([129, 2**31, 2**40]))),
+    "stop": _field(st.one_of(st.text(_TEXT, min_size=1, max_size=4), st.lists(st.text(_TEXT, min_size=1, max_size=4), max_size=3)),
+                   st.one_of(st.lists(_JUNK_SCALAR, min_size=1, max_size=3), st.just([""]), st.just(""))),
+    "seed": _field(st.integers(0, 2**32), _INTS),
+    "presence_penalty": _field(st.floats(-2, 2), st.sampled_from([3, -3, 1e308])),
+    "frequency_penalty": _field(st.floats(-2, 2), st.sampled_from([3, -3, 1e308])),
+    "repetition_penalty": _field(st.floats(0.5, 2), st.sampled_from([0, -1, 1e308])),
+    "min_tokens": _field(st.integers(0, 3), _INTS),
+    "ignore_eos": _field(st.booleans()),
+    "stop_token_ids": _field(st.lists(st.integers(0, 511), max_size=3), st.lists(_INTS, min_size=1, max_size=2)),
+    "skip_special_tokens": _field(st.booleans()),
+    "include_stop_str_in_output": _field(st.booleans()),
+    "stream": _field(st.booleans()),
+    "stream_options": _field(st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "model": st.one_of(st.just("tiny"), st.just("tiny"), st.just("nope"), _JUNK),
+    "user": _JUNK, "logit_bias": _JUNK, "unknown_field": _JUNK,  # unknown fields are ignored
+}
+_COMPLETION = {
+    **_SAMPLING,
+    "prompt": _field(
+        st.one_of(st.text(_TEXT, min_size=1, max_size=20), st.lists(st.text(_TEXT, max_size=10), max_size=3),
+                  st.lists(st.integers(0, 511), max_size=8), st.lists(st.lists(st.integers(0, 511), max_size=4),
+                                                                       max_size=3)),
+        st.one_of(st.just("x " * 300), st.lists(st.one_of(st.integers(-5, 2**64), _JUNK_SCALAR), min_size=1,
+                                                 max_size=4))),
+    "logprobs": _field(st.integers(0, 5), st.one_of(_INTS, st.sampled_from([20, 511, 512, 513, 10**6]))),
+    "echo": _field(st.booleans()),
+}
+_MESSAGE = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer", "tool"]),
+                           "content": st.one_of(st.text(_TEXT, max_size=20), st.none())}),
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "bot", "", "USER"]),
+                           "content": st.one_of(st.lists(st.fixed_dictionaries(
+                               {"type": st.sampled_from(["text", "image_url", ""]), "text": _JUNK}), max_size=2),
+                               _JUNK)}),
+    st.dictionaries(st.sampled_from(["role", "content", "name", "tool_calls"]), _JUNK, max_size=3),
+    _JUNK,
+)
+_CHAT = {
+    **_SAMPLING,
+    "messages": _field(st.lists(_MESSAGE, min_size=1, max_size=3), st.one_of(st.just([]), st.just("hi"))),
+    "max_completion_tokens": st.one_of(st.integers(1, 3), _INTS, _JUNK),
+    "logprobs": _field(st.booleans()),
+    "top_logprobs": _field(st.integers(0, 5), st.one_of(_INTS, st.sampled_from([-1, 20, 21, 512, 10**6]))),
+    "add_generation_prompt": _field(st.booleans()),
+}
+
+
+def _bodies(fields: dict):
+    """A body with any subset of the fields; chat's unbounded max_tokens is kept bounded when valid."""
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+def _check_response(r: httpx.Response) -> None:
+    assert r.status_code < 500, (r.status_code, r.text)
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["message"], r.text
+        assert "Traceback" not in err["message"]
+    elif r.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events and events[-1] == "[DONE]", r.text
+        for e in events[:-1]:
+            chunk = json.loads(e)
+            if "error" in chunk:  # a stream may end in a 4xx-style error, never a server fault
+                assert chunk["error"]["type"] not in ("InternalServerError", "ServiceUnavailableError"), chunk
+    else:
+        assert r.json()["choices"], r.text
+
+
+def _fuzz_post(http: httpx.Client, path: str, body) -> httpx.Response:
+    # Serialized by hand: json.dumps writes NaN/Infinity, which Python's parser on the server accepts.
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = http.post(path, content=content, headers={"content-type": "application/json"})
+    _check_response(r)
+    return r
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10) as c:
+        yield c
+
+
+_FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=list(HealthCheck))
+
+
+def _cap_chat(body):
+    # A valid chat body without max_tokens would generate up to the context's end: keep it short.
+    if isinstance(body, dict) and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = 2
+    return body
+
+
+@_FUZZ
+@given(body=_bodies(_COMPLETION))
+def test_fuzz_completions(http, body):
+    _fuzz_post(http, "/v1/completions", body)
+
+
+@_FUZZ
+@given(body=_bodies(_CHAT).map(_cap_chat))
+def test_fuzz_chat(http, body):
+    _fuzz_post(http, "/v1/chat/completions", body)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       raw=st.one_of(st.binary(max_size=64), st.text(max_size=30).map(str.encode),
+                     st.sampled_from([b"", b"null", b"[]", b"1", b'"x"', b"{", b'{"prompt": }', b"\xff\xfe{}",
+                                      b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": NaN}',
+                                      b'{"prompt": "x", "max_tokens": 1e999}', b'{"prompt": "x"' + b"]" * 1000])))
+def test_fuzz_raw_bytes(http, path, raw):
+    _fuzz_post(http, path, raw)
+
+
+def test_fuzz_regressions(http):
+    """Bodies the fuzzing found: each once gave a 5xx or hung the server."""
+    # A JSON "\\ud800" escape decodes to a lone surrogate; the tokenizer raised a TypeError (500).
+    _error(_fuzz_post(http, "/v1/completions", b'{"model": "tiny", "prompt": "\\ud800", "max_tokens": 2}'), 400,
+           "prompt")
+    _error(_fuzz_post(http, "/v1/completions", {"prompt": ["ok", "a\udfffb"], "max_tokens": 2}), 400, "prompt")
+    _error(_fuzz_post(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}],
+                                                     "max_tokens": 2, "stream": True}), 400, "messages")
+    # A huge n fanned out into that many requests inside the event loop: the server hung.
+    for n in (129, 2**40):
+        _error(_fuzz_post(http, "/v1/completions", {"prompt": "x", "max_tokens": 1, "n": n}), 400, "n")
+        _error(_fuzz_post(http, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 1, "n": n}), 400, "n")
+
+
+def test_engine_alive_after_fuzzing(server, http):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    r = _fuzz_post(http, "/v1/completions", {"model": "tiny", "prompt": "The quick", "max_tokens": 2,
+                                             "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_bench_serve(server, tmp_path):

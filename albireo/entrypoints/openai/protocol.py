@@ -27,7 +27,8 @@ class _SamplingFields(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    # OpenAI's own cap; a huge n would fan out into that many requests inside the server's event loop.
+    n: int = Field(default=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0

@@ -143,10 +143,17 @@ class OpenAIServer:
                 "RateLimitError", headers={"Retry-After": "1"},
             )
 
-    def _prepare(self, prompts: list[str | list[int]], params: SamplingParams, add_special_tokens: bool) -> None:
+    def _prepare(self, prompts: list[str | list[int]], params: SamplingParams, add_special_tokens: bool,
+                 param: str = "prompt") -> None:
         """Validate every prompt before any starts, so errors come back as a 400, not mid-stream."""
         engine = self.engine.engine
         for prompt in prompts:
+            if isinstance(prompt, str):
+                try:  # JSON's \ud800 escapes decode to lone surrogates, which the tokenizer rejects with a TypeError
+                    prompt.encode()
+                except UnicodeEncodeError as e:
+                    raise APIError(400, f"{param} is not valid Unicode text: {e.reason} at character {e.start}",
+                                   "BadRequestError", param) from None
             try:
                 engine.validate(engine.tokenize(prompt, add_special_tokens), params)
             except ValueError as e:
@@ -282,7 +289,7 @@ class OpenAIServer:
             raise APIError(400, f"the chat template failed on these messages: {e}", "BadRequestError", "messages")
         self._check_capacity()
         # The template spells out BOS and the other special tokens itself.
-        self._prepare([prompt], params, False)
+        self._prepare([prompt], params, False, param="messages")
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", req.model or self.model_names[0]
         k = req.top_logprobs or 0
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
@@ -430,35 +437,18 @@ def build_app(server: OpenAIServer) -> FastAPI:
 # ---- the command ----------------------------------------------------------------------------------
 
 
-def engine_config_from_args(args: argparse.Namespace):
-    """The EngineConfig that cli.add_engine_args' flags describe (the same fields LLM(...) takes)."""
-    from albireo.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-
-    return EngineConfig(
-        model=ModelConfig(args.model, args.tokenizer, args.load_format, args.dtype, args.max_model_len, args.seed,
-                          False),
-        cache=CacheConfig(args.block_size, args.enable_prefix_caching, args.gpu_memory_utilization,
-                          args.cpu_kv_cache_gb),
-        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill,
-                                  args.async_scheduling),
-        parallel=ParallelConfig(
-            tensor_parallel_size=args.tensor_parallel_size, sampling=getattr(args, "tp_sampling", "seq_parallel")
-        ),
-        device=args.device,
-        enforce_eager=args.enforce_eager,
-        fused_kernels=args.fused_kernels,
-    )
-
-
 def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
-    engine_config = engine_config_from_args(args)
+    from albireo.config import engine_config
+    from albireo.entrypoints.cli import engine_args
+
+    config = engine_config(**engine_args(args))
 
     names = args.served_model_name or [Path(args.model).name if args.model else "albireo-default"]
     if args.model and args.model not in names:
         names.append(args.model)  # the path itself is accepted as the model's name too
-    engine = AsyncLLMEngine(engine_config)  # startup errors surface here, before the port opens
+    engine = AsyncLLMEngine(config)  # startup errors surface here, before the port opens
     server = OpenAIServer(engine, names, args.api_key, args.max_queue)
     try:
         uvicorn.run(
