@@ -511,6 +511,25 @@ def test_bench_serve(server, tmp_path):
     assert record_path.with_suffix(".png").stat().st_size > 0
 
 
+def test_bench_serve_takes_sharegpt_prompts(server, tmp_path):
+    import json
+
+    from albireo.entrypoints.cli import main
+
+    conversations = [
+        {"conversations": [{"from": "human", "value": "héllo wörld"}, {"from": "gpt", "value": "hi"}]},
+        {"conversations": [{"from": "human", "value": "The quick brown fox"}]},
+        {"conversations": [{"from": "gpt", "value": "no human turn first: skipped"}]},
+    ]
+    dataset = tmp_path / "sharegpt.json"
+    dataset.write_text(json.dumps(conversations))
+    main(["bench", "serve", "--base-url", server.url, "--api-key", API_KEY, "--dataset", str(dataset),
+          "--num-prompts", "5", "--output-len", "2", "--out-dir", str(tmp_path), "--no-plot"])
+    (record_path,) = [p for p in tmp_path.glob("*.json") if p != dataset]
+    record = json.loads(record_path.read_text())
+    assert record["completed"] == 5 and record["failed"] == 0
+
+
 def test_sigterm_lets_in_flight_requests_finish(server):
     """Last in the module: it stops the shared server."""
     result = {}

@@ -28,6 +28,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--prompt-vocab", type=int, default=500,
                         help="prompt token ids are drawn from [3, this): below any real vocabulary's size")
+    parser.add_argument("--dataset", default=None,
+                        help="ShareGPT-format JSON (a list of {'conversations': [{'from', 'value'}, ...]}): each "
+                             "conversation's first human turn becomes a text prompt; --input-len is then unused")
     parser.add_argument("--request-rate", type=float, default=float("inf"),
                         help="mean requests per second of the Poisson arrivals (inf: all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
@@ -87,6 +90,20 @@ async def _one(client, url: str, body: dict, headers: dict) -> RequestResult:
     return result
 
 
+def sharegpt_prompts(path: str, num: int, rng: random.Random) -> list[str]:
+    """The first human turn of `num` conversations drawn from a ShareGPT-format JSON file."""
+    data = json.loads(Path(path).read_text())
+    turns = [
+        conv["conversations"][0]["value"]
+        for conv in data
+        if conv.get("conversations") and conv["conversations"][0].get("from") == "human"
+        and conv["conversations"][0].get("value")
+    ]
+    if not turns:
+        raise ValueError(f"{path} holds no ShareGPT conversation that starts with a human turn")
+    return [rng.choice(turns) for _ in range(num)]
+
+
 async def _run(args: argparse.Namespace) -> tuple[list[RequestResult], float, str]:
     import httpx
 
@@ -98,10 +115,14 @@ async def _run(args: argparse.Namespace) -> tuple[list[RequestResult], float, st
         model = args.model
         if model is None:
             model = (await client.get(f"{base}/v1/models", headers=headers)).json()["data"][0]["id"]
-        prompts = [[rng.randrange(3, args.prompt_vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+        if args.dataset:
+            prompts = sharegpt_prompts(args.dataset, args.num_prompts, rng)
+        else:
+            prompts = [[rng.randrange(3, args.prompt_vocab) for _ in range(args.input_len)]
+                       for _ in range(args.num_prompts)]
         limit = asyncio.Semaphore(args.max_concurrency or args.num_prompts)
 
-        async def limited(prompt: list[int]) -> RequestResult:
+        async def limited(prompt: list[int] | str) -> RequestResult:
             body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0.0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             async with limit:
