@@ -140,3 +140,19 @@ def test_fused_sampling_keeps_greedy_tokens_and_seeded_runs_reproducible(tiny_mo
     plain = [o.outputs[0].token_ids for o in torch_llm.generate(prompts, mixed, use_tqdm=False)]
     assert fused[0::2] == plain[0::2]
     assert again == fused
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("tp_sampling", ["seq_parallel", "all_gather"])
+def test_tp2_on_two_gpus_equals_tp1(tiny_model, tp_sampling):
+    path = tiny_model("qwen3")  # one KV head: replicated on both ranks
+    prompts = random_prompts(9, seed=12)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+    tp1 = [o.outputs[0].token_ids for o in LLM(path, dtype="float32", gpu_memory_utilization=0.3).generate(
+        prompts, params, use_tqdm=False)]
+    llm = LLM(path, dtype="float32", tensor_parallel_size=2, tp_sampling=tp_sampling, gpu_memory_utilization=0.3)
+    try:
+        tp2 = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert tp2 == tp1
