@@ -303,10 +303,6 @@ class EngineConfig:
     def max_model_len(self) -> int:
         return self.model.max_model_len
 
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
-
 
 def engine_config(
     model: str | None = None,

@@ -87,5 +87,10 @@ class SamplingParams:
             fail("logprobs", "must be an integer >= 0 or None")
 
     @property
+    def penalized(self) -> bool:
+        """Whether a penalty needs the tokens generated so far (so the last one must be on the host)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def greedy(self) -> bool:
         return self.temperature <= GREEDY_EPSILON

@@ -80,7 +80,6 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[int]] = {}
         # How many leading blocks of each request are already registered in the prefix cache.
         self.req_num_registered: dict[str, int] = {}
-        self.num_prefix_queries = 0
         self.num_prefix_hits = 0
 
     @property
@@ -147,9 +146,8 @@ class KVCacheManager:
         blocks.extend(computed_blocks)
         blocks.extend(new_blocks)
         if request.request_id not in self.req_num_registered:
-            # Admission: count the prefix lookup once, whatever retries preceded it.
+            # Admission: count the prefix hits once, whatever retries preceded it.
             self.req_num_registered[request.request_id] = len(computed_blocks)
-            self.num_prefix_queries += request.num_tokens
             self.num_prefix_hits += len(computed_blocks) * self.block_size
         self._register_full_blocks(request, total_tokens)
         return new_blocks

@@ -92,6 +92,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        # Unfinished requests with penalties, counted so the engine needs no scan per step.
+        self.num_penalized = 0
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class Scheduler:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_penalized += request.sampling_params.penalized
 
     def abort_requests(self, req_ids: list[str]) -> None:
         for req_id in req_ids:
@@ -124,6 +127,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
+        self.num_penalized -= request.sampling_params.penalized
         self.kv.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)

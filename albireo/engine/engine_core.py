@@ -44,11 +44,11 @@ class EngineCore:
         """Launch the next step, then fold in the results of the step before it.
 
         Under async scheduling the GPU runs step N while this plans and launches step N+1; only
-        then does it wait for step N's tokens. A step that needs the previous tokens on the host
-        (penalties count them) waits for them first.
+        then does it wait for step N's tokens. While a request with penalties is unfinished, each
+        step waits for the previous tokens first: penalties count them on the host.
         """
         if self.scheduler.has_unfinished_requests():
-            if self.in_flight and self._needs_host_tokens():
+            if self.in_flight and self.scheduler.num_penalized:
                 return self._collect_oldest()
             with self._phase("schedule"):
                 plan = self.scheduler.schedule()
@@ -69,12 +69,6 @@ class EngineCore:
 
     def _phase(self, name: str):
         return self.timeline.phase(name) if self.timeline is not None else nullcontext()
-
-    def _needs_host_tokens(self) -> bool:
-        return any(
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            for p in (r.sampling_params for r in self.scheduler.running)
-        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

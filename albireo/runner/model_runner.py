@@ -103,11 +103,11 @@ class ModelRunner:
     def profile_peak_memory(self) -> int:
         """Peak bytes a largest prefill step and a largest sampling step need, on a throwaway cache."""
         cfg = self.config
-        num_tokens = min(cfg.scheduler.max_num_batched_tokens, cfg.max_model_len)
-        self.init_kv_cache(-(-num_tokens // self.block_size))
+        n = min(cfg.scheduler.max_num_batched_tokens, cfg.max_model_len)
+        num_blocks = -(-n // self.block_size)
+        self.init_kv_cache(num_blocks)
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = num_tokens
-        self.batch.block_table[0, : -(-n // self.block_size)] = np.arange(-(-n // self.block_size))
+        self.batch.block_table[0, :num_blocks] = np.arange(num_blocks)
         meta = self._stage(np.array([0]), np.array([0]), np.array([n]), [])
         hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
         logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
