@@ -28,6 +28,8 @@ def _bench(rank, world, port, device_type, batch, vocabs, iters, queue):
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     ps.set_tensor_parallel_group(dist.group.WORLD)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
     sampler = Sampler()
     rows = [SamplingRow(SamplingParams(temperature=1.0, top_p=0.95, seed=i), [], [], []) for i in range(batch)]
     results = []

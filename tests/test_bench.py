@@ -44,3 +44,18 @@ def test_bench_throughput_and_amdahl_write_records(tiny_model, tmp_path):
             assert record["output_tokens_per_s"] > 0 and record["async_scheduling"] is True
             assert record["num_prompts"] == 6
     assert list(tmp_path.glob("amdahl-*.png"))
+
+
+def test_profiled_tp2_throughput_and_latency_records_carry_the_step_breakdown(tiny_model, tmp_path):
+    path = tiny_model("llama")
+    common = ["--model", path, "--input-len", "8", "--output-len", "4", "--tensor-parallel-size", "2",
+              "--profile-steps", "--out-dir", str(tmp_path)]
+    main(["bench", "throughput", "--workload", "W2", "--num-prompts", "6", *common])
+    main(["bench", "latency", "--workload", "W3", "--iters", "2", "--warmup-iters", "1", *common])
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert [r["workload"] for r in records] == ["W2", "W3"]
+    for record in records:
+        assert record["tp"] == 2
+        breakdown = record["step_breakdown"]
+        assert breakdown["steps"] > 0 and breakdown["phases_ms_per_step"]["forward"] > 0
+        assert 0 <= breakdown["serial_fraction"] <= 1

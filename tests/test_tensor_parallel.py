@@ -27,6 +27,20 @@ def test_tp2_greedy_equals_tp1(tiny_model, name):
     assert got == expected
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_tp4_greedy_equals_tp1(tiny_model, name):
+    """Four ranks, fewer KV heads than ranks (two and one): every rank holds one KV head's replica."""
+    path = tiny_model(name)
+    prompts = random_prompts(3, seed=4)
+    expected = [o.outputs[0].token_ids for o in LLM(path).generate(prompts, GREEDY, use_tqdm=False)]
+    llm = LLM(path, tensor_parallel_size=4)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert got == expected
+
+
 MIXED = [
     SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True),
     SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3),

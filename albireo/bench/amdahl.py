@@ -47,8 +47,8 @@ def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, in
     engine = llm.engine
     prompts = random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    timeline = engine.core.core.timeline  # the in-process EngineCore's
-    timeline.__init__()  # forget the warm-up
+    timeline = engine.core.timeline
+    timeline.reset()
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
@@ -98,21 +98,18 @@ def run(args: argparse.Namespace, make_llm) -> dict:
         results[mode] = summary
         record["modes"][mode] = {
             "output_tokens_per_s": tokens_per_s,
-            "steps": summary.num_steps,
-            "wall_ms_per_step": summary.wall_ms,
-            "phases_ms_per_step": summary.phases_ms,
-            "serial_fraction": summary.serial_fraction,
-            "gpu_idle_fraction": summary.gpu_idle_fraction,
-            **predict(summary, allreduces, args.allreduce_us),
+            **summary.as_record(),
         }
+        if args.tensor_parallel_size == 1:  # the model extrapolates from one GPU's step
+            record["modes"][mode].update(predict(summary, allreduces, args.allreduce_us))
         m = record["modes"][mode]
         print(f"{mode}: {tokens_per_s:.0f} tok/s, {summary.wall_ms:.2f} ms/step, serial fraction "
               f"{summary.serial_fraction:.3f}, GPU idle {summary.gpu_idle_fraction:.1%}, "
-              f"predicted best TP {m['predicted_best_tp']}")
+              f"predicted best TP {m.get('predicted_best_tp', '-')}")
         print("  " + ", ".join(f"{k} {v:.2f}" for k, v in summary.phases_ms.items()))
-    png = Path(args.out_dir) / f"amdahl-{args.workload}-{args.model_name}.png"
+    png = Path(args.out_dir) / f"amdahl-{args.workload}-{args.model_name}-tp{args.tensor_parallel_size}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(results, png)
     record["plot"] = str(png)
-    record["tp"] = 1
+    record["tp"] = args.tensor_parallel_size
     return record

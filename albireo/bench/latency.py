@@ -19,6 +19,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-iters", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--profile-steps", action="store_true",
+                        help="add the per-step breakdown (albireo bench amdahl's) to the record")
 
 
 def run(args: argparse.Namespace, make_llm) -> dict:
@@ -28,6 +30,8 @@ def run(args: argparse.Namespace, make_llm) -> dict:
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
     for _ in range(args.warmup_iters):
         llm.generate(prompts, params, use_tqdm=False)
+    if engine.core.timeline is not None:
+        engine.core.timeline.reset()
     meter = EnergyMeter(engine.config.parallel.tensor_parallel_size)
     meter.start()
     times = []
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace, make_llm) -> dict:
         "ms_per_output_token": median / args.output_len * 1000,
         "joules_per_output_token": None if joules is None else joules / (args.iters * args.batch_size * args.output_len),
     }
+    if engine.core.timeline is not None:
+        record["step_breakdown"] = engine.core.timeline.summary().as_record()
     print(f"{args.workload}: {median:.3f} s per request (median of {args.iters}), "
           f"{record['ms_per_output_token']:.2f} ms per output token")
     return record

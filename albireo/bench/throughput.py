@@ -17,6 +17,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--profile-steps", action="store_true",
+                        help="add the per-step breakdown (albireo bench amdahl's) to the record")
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -31,6 +33,8 @@ def run(args: argparse.Namespace, make_llm) -> dict:
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
     # Warm-up: compile kernels and touch every code path once, outside the timed region.
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    if engine.core.timeline is not None:
+        engine.core.timeline.reset()
 
     meter = EnergyMeter(engine.config.parallel.tensor_parallel_size)
     meter.start()
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace, make_llm) -> dict:
         "num_preemptions": engine.core.scheduler.num_preemptions,
         "joules_per_output_token": None if joules is None else joules / num_out,
     }
+    if engine.core.timeline is not None:
+        record["step_breakdown"] = engine.core.timeline.summary().as_record()
     print(f"{args.workload}: {record['output_tokens_per_s']:.1f} output tokens/s, "
           f"{record['requests_per_s']:.2f} requests/s, {elapsed:.2f} s")
     return record

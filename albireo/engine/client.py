@@ -128,6 +128,10 @@ class InprocClient:
     def executor(self):
         return self.core.executor
 
+    @property
+    def timeline(self):
+        return self.core.timeline
+
     def add_request(self, request: Request) -> None:
         self.core.add_request(request)
 

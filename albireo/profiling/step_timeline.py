@@ -44,9 +44,22 @@ class StepSummary:
     def gpu_idle_fraction(self) -> float:
         return self.phases_ms["gpu_idle"] / self.wall_ms if self.wall_ms else 0.0
 
+    def as_record(self) -> dict:
+        return {
+            "steps": self.num_steps,
+            "wall_ms_per_step": self.wall_ms,
+            "phases_ms_per_step": self.phases_ms,
+            "serial_fraction": self.serial_fraction,
+            "gpu_idle_fraction": self.gpu_idle_fraction,
+        }
+
 
 class StepTimeline:
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was recorded (a benchmark's warm-up)."""
         self.samples: dict[str, list[float]] = defaultdict(list)
         self.steps = 0
         self.started: float | None = None

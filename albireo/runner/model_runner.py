@@ -133,8 +133,11 @@ class ModelRunner:
         for size in tqdm(list(reversed(sizes)), desc="Capturing CUDA graphs", unit="graph"):
             meta = self._decode_metadata(size)
             self._decode_forward(size, meta)  # compile and warm up outside the capture
+            # Let NCCL's watchdog see the warm-up's all-reduces finish before capturing, and keep
+            # its event queries (another thread) legal while this thread captures.
+            torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 logits = self._decode_forward(size, meta)
             pool = graph.pool()
             self.graphs[size] = (graph, logits)

@@ -1,5 +1,6 @@
 """End to end on the GPU: outputs against transformers, CUDA graphs against eager (run on the H100)."""
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -142,17 +143,29 @@ def test_fused_sampling_keeps_greedy_tokens_and_seeded_runs_reproducible(tiny_mo
     assert again == fused
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("tp_sampling", ["seq_parallel", "all_gather"])
-def test_tp2_on_two_gpus_equals_tp1(tiny_model, tp_sampling):
-    path = tiny_model("qwen3")  # one KV head: replicated on both ranks
-    prompts = random_prompts(9, seed=12)
-    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
-    tp1 = [o.outputs[0].token_ids for o in LLM(path, dtype="float32", gpu_memory_utilization=0.3).generate(
-        prompts, params, use_tqdm=False)]
-    llm = LLM(path, dtype="float32", tensor_parallel_size=2, tp_sampling=tp_sampling, gpu_memory_utilization=0.3)
+def _tokens_then_free(make_llm, prompts, params) -> list[list[int]]:
+    """Tokens of each prompt; then the engine and its GPU memory are released for the next LLM."""
+    llm = make_llm()
     try:
-        tp2 = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     finally:
         llm.engine.shutdown()
-    assert tp2 == tp1
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return tokens
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp_sampling", ["seq_parallel", "all_gather"])
+def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling):
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    path = tiny_model("qwen3")  # one KV head: replicated on every rank
+    prompts = random_prompts(9, seed=12)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+    tp1 = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3), prompts, params)
+    tp_n = _tokens_then_free(
+        lambda: LLM(path, dtype="float32", tensor_parallel_size=tp, tp_sampling=tp_sampling, gpu_memory_utilization=0.3),
+        prompts, params)
+    assert tp_n == tp1

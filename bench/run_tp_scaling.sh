@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Tensor-parallel scaling on a machine with up to 4 GPUs, in stages that each fit one device call:
+#   source tests/device/setup.sh; bash bench/run_tp_scaling.sh OUT_DIR STAGE
+#   correctness: TP=2 and TP=4 equal TP=1 on GPUs; NCCL all-reduce latency; W3 at TP=1,2,4
+#   w2-8b:       W2 on llama-3.1-8b at TP=1,2,4, async on and off, each with its step breakdown
+#   w2-32b:      W2 on qwen2.5-32b at TP=2,4, async on and off
+#   extra:       qwen2.5-32b at TP=1 (200 prompts: its KV pool holds ~26 sequences), the W5 amdahl
+#                breakdown, sequence-parallel sampling on GPUs
+set -uo pipefail
+out=$1; stage=$2
+degrees=${TP_DEGREES:-"1 2 4"}
+run() { timeout "$1" "${@:2}" 2>&1 | grep -v "it/s\]\|req/s\]\|graph/s\]\|s/it\]" | tail -n 6; }
+w2() {  # w2 MODEL TP EXTRA_FLAGS...
+  run 300 python3 -m albireo.entrypoints.cli bench throughput --workload W2 --model "benchmarks/models/$1" \
+    --tensor-parallel-size "$2" --num-prompts "${NUM_PROMPTS:-1000}" --input-len 512 --output-len 256 \
+    --max-num-seqs 512 --max-num-batched-tokens 16384 --load-format dummy --max-model-len 2048 \
+    --profile-steps --out-dir "$out" "${@:3}"
+}
+case $stage in
+  correctness)
+    nvidia-smi topo -m | head -8
+    run 240 python3 -m pytest -q tests/device/test_e2e_gpu.py -k several_gpus
+    run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
+    for t in $degrees; do
+      run 150 python3 -m albireo.entrypoints.cli bench latency --workload W3 --model benchmarks/models/llama-3.1-8b \
+        --tensor-parallel-size "$t" --batch-size 1 --input-len 128 --output-len 256 --iters 5 --max-num-seqs 8 \
+        --load-format dummy --max-model-len 2048 --profile-steps --out-dir "$out"
+    done ;;
+  w2-8b)
+    for t in $degrees; do w2 llama-3.1-8b "$t"; done
+    for t in $degrees; do w2 llama-3.1-8b "$t" --no-async-scheduling; done ;;
+  w2-32b)
+    for t in 2 4; do w2 qwen2.5-32b "$t"; done
+    for t in 2 4; do w2 qwen2.5-32b "$t" --no-async-scheduling; done ;;
+  extra)
+    NUM_PROMPTS=200 w2 qwen2.5-32b 1
+    run 200 python3 -m albireo.entrypoints.cli bench amdahl --model benchmarks/models/llama-3.2-1b --load-format dummy \
+      --max-model-len 2048 --max-num-seqs 1024 --max-num-batched-tokens 16384 --out-dir "$out"
+    run 120 python3 bench/seq_parallel_sampling.py --tp 1 2 4 --batch 256 --out "$out/seq-parallel-sampling.json" ;;
+esac
