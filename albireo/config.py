@@ -248,12 +248,17 @@ class ParallelConfig:
     # logits for 1/t of the rows; each samples its rows; an all-gather of token ids finishes) or
     # "all_gather" (every rank gathers all logits and samples every row, as vLLM does).
     sampling: str = "seq_parallel"
+    # How GPU ranks sum activations: "symm_mem" (small tensors over peer memory, larger ones and
+    # any failure through NCCL) or "nccl" alone. CPU ranks always use gloo.
+    all_reduce: str = "symm_mem"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.sampling not in ("seq_parallel", "all_gather"):
             raise ValueError(f"sampling must be seq_parallel or all_gather, got {self.sampling!r}")
+        if self.all_reduce not in ("symm_mem", "nccl"):
+            raise ValueError(f"all_reduce must be symm_mem or nccl, got {self.all_reduce!r}")
 
 
 @dataclass
@@ -324,6 +329,7 @@ def engine_config(
     async_scheduling: bool = True,
     tensor_parallel_size: int = 1,
     tp_sampling: str = "seq_parallel",
+    all_reduce: str = "symm_mem",
     skip_tokenizer_init: bool = False,
     enforce_eager: bool = False,
     fused_kernels: bool = True,
@@ -334,7 +340,7 @@ def engine_config(
         model=ModelConfig(model, tokenizer, load_format, dtype, max_model_len, seed, skip_tokenizer_init),
         cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization, cpu_kv_cache_gb, num_kv_blocks),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, async_scheduling),
-        parallel=ParallelConfig(tensor_parallel_size, tp_sampling),
+        parallel=ParallelConfig(tensor_parallel_size, tp_sampling, all_reduce),
         device=device,
         enforce_eager=enforce_eager,
         fused_kernels=fused_kernels,

@@ -1,16 +1,15 @@
-"""Latency of one NCCL all-reduce of a decode step's hidden states, eager and inside a CUDA graph.
+"""Latency of one all-reduce of a decode step's hidden states: NCCL vs peer memory (one/two-shot).
 
 A TP decode step of a Llama model makes two all-reduces per layer (after o_proj and down_proj),
 each of batch x hidden bf16 values. This times them the way the engine runs them: 64 back to back
-in one captured graph (an 8B model's step), replayed; and one by one, eagerly.
+in one captured CUDA graph (an 8B model's step), replayed; checks that each path sums exactly as
+NCCL does; prints a table and writes a record.
     python bench/allreduce.py --tp 2 4 --out OUT_DIR
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import socket
 import sys
 from pathlib import Path
@@ -21,42 +20,69 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.record import write_record  # noqa: E402
+from albireo.distributed.symm_all_reduce import SymmMemAllReduce  # noqa: E402
 
 CALLS_PER_STEP = 64
-BATCHES = (1, 8, 64, 256, 512)
+BATCHES = (1, 8, 32, 64, 128, 256, 512, 1024)
 
 
-def _time_ms(fn, iters: int) -> float:
+def _graph_us(fn, x: torch.Tensor) -> float:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for _ in range(CALLS_PER_STEP):
+            fn(x)
+    graph.replay()
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(iters):
-        fn()
+    for _ in range(20):
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / iters
+    return start.elapsed_time(end) * 1e3 / (20 * CALLS_PER_STEP)
 
 
 def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    symm = SymmMemAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16)
+    one_shot_limit = symm.one_shot_max_numel
+
+    def nccl(x):
+        dist.all_reduce(x)
+
+    def one_shot(x):
+        symm.one_shot_max_numel = symm.max_numel
+        symm(x)
+
+    def two_shot(x):
+        symm.one_shot_max_numel = 0
+        symm(x)
+
+    def engine(x):
+        symm.one_shot_max_numel = one_shot_limit
+        symm(x)
+
     results = {}
     for batch in BATCHES:
+        torch.manual_seed(batch * 10 + rank)
         x = torch.randn(batch, hidden, device="cuda", dtype=torch.bfloat16)
-        for _ in range(10):
-            dist.all_reduce(x)
-        torch.cuda.synchronize()
-        eager_us = _time_ms(lambda: dist.all_reduce(x), 200) * 1e3
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            for _ in range(CALLS_PER_STEP):
-                dist.all_reduce(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        graph_us = _time_ms(graph.replay, 20) * 1e3 / CALLS_PER_STEP
-        results[batch] = {"eager_us": eager_us, "graph_us": graph_us, "bytes": x.numel() * x.element_size()}
+        row = {"bytes": x.numel() * x.element_size()}
+        expected = x.clone()
+        dist.all_reduce(expected)
+        for name, fn in (("nccl", nccl), ("one_shot", one_shot), ("two_shot", two_shot), ("engine", engine)):
+            got = x.clone()
+            fn(got)
+            row[f"{name}_max_abs_diff"] = (got.float() - expected.float()).abs().max().item()
+            row[f"{name}_us"] = _graph_us(fn, x.clone())
+        results[batch] = row
+        if rank == 0:
+            print(f"tp={world} batch={batch:5d} ({row['bytes'] / 1024:7.1f} KiB) us per all-reduce in a graph: "
+                  + ", ".join(f"{n} {row[n + '_us']:6.1f} (diff {row[n + '_max_abs_diff']:.3g})"
+                              for n in ("nccl", "one_shot", "two_shot", "engine")), flush=True)
+    dist.barrier()
     if rank == 0:
         queue.put(results)
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -66,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
-    record = {"workload": "allreduce", "model": f"hidden{args.hidden}", "calls_per_step": CALLS_PER_STEP,
+    record = {"workload": "allreduce", "model": f"hidden{args.hidden}-bf16", "calls_per_step": CALLS_PER_STEP,
               "by_tp": {}}
     for world in args.tp:
         if world > torch.cuda.device_count():
@@ -76,20 +102,18 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, args.hidden, queue)) for r in range(world)]
+        procs = [ctx.Process(target=_rank, args=(r, world, port, args.hidden, queue), daemon=True)
+                 for r in range(world)]
         for p in procs:
             p.start()
-        results = queue.get(timeout=300)
-        for p in procs:
-            p.join()
-        record["by_tp"][world] = results
-        for batch, r in results.items():
-            print(f"tp={world} batch={batch:4d} ({r['bytes'] / 1024:7.1f} KiB): eager {r['eager_us']:6.1f} us, "
-                  f"in a graph {r['graph_us']:6.1f} us per all-reduce")
+        record["by_tp"][world] = queue.get(timeout=240)
+        for p in procs:  # the ranks are done; tearing NCCL down can take longer than the benchmark
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
     record["tp"] = max(record["by_tp"], default=1)
     print(f"record: {write_record(record, args.out)}")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     main()

@@ -4,6 +4,8 @@
 #   correctness: TP=2 and TP=4 equal TP=1 on GPUs; NCCL all-reduce latency; W3 at TP=1,2,4
 #   w2-8b:       W2 on llama-3.1-8b at TP=1,2,4, async on and off, each with its step breakdown
 #   w2-32b:      W2 on qwen2.5-32b at TP=2,4, async on and off
+#   symm:        all-reduce over peer memory: its tests, its latency vs NCCL, W3 at TP=1,2,4 and W2
+#                at TP=1,2,4 with it, and W3/W2 at TP=2 with NCCL alone (A/B on one machine)
 #   extra:       qwen2.5-32b at TP=1 (200 prompts: its KV pool holds ~26 sequences), the W5 amdahl
 #                breakdown, sequence-parallel sampling on GPUs
 set -uo pipefail
@@ -26,6 +28,16 @@ case $stage in
         --tensor-parallel-size "$t" --batch-size 1 --input-len 128 --output-len 256 --iters 5 --max-num-seqs 8 \
         --load-format dummy --max-model-len 2048 --profile-steps --out-dir "$out"
     done ;;
+  symm)
+    run 240 python3 -m pytest -q tests/device/test_symm_all_reduce.py tests/device/test_e2e_gpu.py -k symm
+    run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
+    for t in "1" "2" "4" "2 --all-reduce nccl"; do
+      run 150 python3 -m albireo.entrypoints.cli bench latency --workload W3 --model benchmarks/models/llama-3.1-8b \
+        --tensor-parallel-size $t --batch-size 1 --input-len 128 --output-len 256 --iters 5 --max-num-seqs 8 \
+        --load-format dummy --max-model-len 2048 --profile-steps --out-dir "$out"
+    done
+    for t in 1 2 4; do w2 llama-3.1-8b "$t"; done
+    w2 llama-3.1-8b 2 --all-reduce nccl ;;
   w2-8b)
     for t in $degrees; do w2 llama-3.1-8b "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t" --no-async-scheduling; done ;;

@@ -138,6 +138,18 @@ def test_sampling_params_name_the_field(kwargs, field):
         assert repr(value) in msg, msg
 
 
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"tensor_parallel_size": 0}, "tensor_parallel_size"), ({"sampling": "vote"}, "sampling"),
+     ({"all_reduce": "mpi"}, "all_reduce")],
+)
+def test_parallel_config_names_the_field(kwargs, field):
+    from albireo.config import ParallelConfig
+
+    with pytest.raises(ValueError, match=f"^{field} must be .*{kwargs[field]!r}"):
+        ParallelConfig(**kwargs)
+
+
 # --- model directories -------------------------------------------------------------------------
 
 

@@ -33,6 +33,8 @@ def engine_facts(llm, args) -> dict:
         "workload": args.workload,
         "model": args.model_name,
         "tp": config.parallel.tensor_parallel_size,
+        "tp_sampling": config.parallel.sampling,
+        "all_reduce": config.parallel.all_reduce,
         "async_scheduling": config.scheduler.async_scheduling,
         "cuda_graphs": config.device == "cuda" and not config.enforce_eager,
         "max_num_seqs": config.scheduler.max_num_seqs,

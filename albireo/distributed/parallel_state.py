@@ -5,12 +5,19 @@ A process that never joined a group is rank 0 of a group of one, and the collect
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
+
+from albireo.distributed.symm_all_reduce import SymmMemAllReduce
+
+logger = logging.getLogger(__name__)
 
 _group: dist.ProcessGroup | None = None
 _rank = 0
 _size = 1
+_symm_all_reduce: SymmMemAllReduce | None = None
 
 
 def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
@@ -34,8 +41,23 @@ def tp_size() -> int:
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _size > 1:
+        if _symm_all_reduce is not None and _symm_all_reduce.fits(x):
+            return _symm_all_reduce(x)
         dist.all_reduce(x, group=_group)
     return x
+
+
+def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:
+    """Route small all-reduces of `dtype` over peer memory (GPUs only); NCCL stays the fallback."""
+    global _symm_all_reduce
+    if _size == 1 or device.type != "cuda":
+        return False
+    try:
+        _symm_all_reduce = SymmMemAllReduce(_group, device, dtype)
+    except Exception as e:  # no peer access between these GPUs, or a torch without the kernels
+        logger.warning("all-reduce over peer memory unavailable (%s); using NCCL", e)
+        _symm_all_reduce = None
+    return _symm_all_reduce is not None
 
 
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -53,6 +75,8 @@ def init_distributed(rank: int, world_size: int, init_method: str, backend: str)
 
 
 def shutdown_distributed() -> None:
+    global _symm_all_reduce
+    _symm_all_reduce = None
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tensor_parallel_group(None)

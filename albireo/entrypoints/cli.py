@@ -37,6 +37,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--tp-sampling", default="seq_parallel", choices=["seq_parallel", "all_gather"],
                    help="under TP: each rank samples a slice of the rows, or every rank samples all of them")
+    g.add_argument("--all-reduce", default="symm_mem", choices=["symm_mem", "nccl"],
+                   help="under TP on GPUs: small all-reduces over peer memory (NCCL for the rest), or NCCL only")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
     g.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
@@ -78,6 +80,7 @@ def engine_args(args: argparse.Namespace) -> dict:
         async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,
         tp_sampling=args.tp_sampling,
+        all_reduce=args.all_reduce,
         enforce_eager=args.enforce_eager,
         fused_kernels=args.fused_kernels,
         skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),

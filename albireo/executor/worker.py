@@ -12,7 +12,7 @@ import torch
 from albireo import kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
-from albireo.distributed.parallel_state import init_distributed, shutdown_distributed
+from albireo.distributed.parallel_state import enable_symm_all_reduce, init_distributed, shutdown_distributed
 from albireo.executor.shm_ring import ShmRing, ShmRingHandle, decode_plan
 from albireo.runner.model_runner import ModelRunner, StepHandle
 
@@ -28,9 +28,11 @@ class Worker:
         self.device = torch.device("cuda", rank) if config.device == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if config.parallel.all_reduce == "symm_mem":
+            enable_symm_all_reduce(self.device, config.model.torch_dtype(self.device))
         kernels.use_fused = config.fused_kernels
-        # Every rank samples every row (until sampling is split across ranks): identical random
-        # streams keep their tokens, and so their KV caches, identical.
+        # On the all-gather sampling path every rank samples every row: identical random streams
+        # keep their tokens, and so their KV caches, identical.
         random.seed(config.model.seed)
         self.runner = ModelRunner(config, self.device)
 

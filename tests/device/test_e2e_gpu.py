@@ -156,9 +156,11 @@ def _tokens_then_free(make_llm, prompts, params) -> list[list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("tp_sampling", ["seq_parallel", "all_gather"])
-def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling):
+@pytest.mark.parametrize("tp,tp_sampling,all_reduce", [
+    (2, "seq_parallel", "symm_mem"), (2, "all_gather", "symm_mem"), (2, "seq_parallel", "nccl"),
+    (4, "seq_parallel", "symm_mem"), (4, "all_gather", "nccl"),
+])
+def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
     path = tiny_model("qwen3")  # one KV head: replicated on every rank
@@ -166,6 +168,7 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling):
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
     tp1 = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3), prompts, params)
     tp_n = _tokens_then_free(
-        lambda: LLM(path, dtype="float32", tensor_parallel_size=tp, tp_sampling=tp_sampling, gpu_memory_utilization=0.3),
+        lambda: LLM(path, dtype="float32", tensor_parallel_size=tp, tp_sampling=tp_sampling, all_reduce=all_reduce,
+                    gpu_memory_utilization=0.3),
         prompts, params)
     assert tp_n == tp1
