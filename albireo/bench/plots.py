@@ -1,4 +1,5 @@
-"""Plots of the benchmark records: Albireo against vLLM's numbers on the same kind of GPU.
+"""Plots of the benchmark records: Albireo against vLLM's numbers on the same kind of GPU, and
+tensor-parallel scaling (throughput and latency against the TP degree, with the ideal line).
 
     python -m albireo.bench.plots [--results benchmarks/results] [--out benchmarks/plots]
 """
@@ -20,19 +21,9 @@ def latest(records: list[dict], workload: str, async_scheduling: bool) -> dict |
     return max(runs, key=lambda r: r["date"], default=None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", default="benchmarks/results")
-    parser.add_argument("--out", default="benchmarks/plots")
-    args = parser.parse_args()
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_vs_vllm(records: list[dict], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    records = []
-    for path in Path(args.results).glob("W*.json"):
-        records.append(json.loads(path.read_text()))
     fig, (tput_ax, lat_ax) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
     workloads = ["W1", "W2", "W5"]
     width = 0.27
@@ -65,10 +56,87 @@ def main() -> None:
     lat_ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{H100}, dummy weights, bf16")
     fig.tight_layout()
+    fig.savefig(out / "h100_vs_vllm.png", dpi=120)
+    plt.close(fig)
+    return out / "h100_vs_vllm.png"
+
+
+def scaling_runs(records: list[dict], device: str, workload: str, model: str, async_scheduling: bool) -> dict[int, dict]:
+    """The latest profiled run at each TP degree (the all-reduce over peer memory, where it was on)."""
+    runs: dict[int, dict] = {}
+    for r in records:
+        if (r.get("device") == device and r.get("workload") == workload and r.get("model") == model
+                and r.get("async_scheduling") == async_scheduling and "step_breakdown" in r
+                and r.get("all_reduce", "symm_mem") == "symm_mem"):
+            if r["tp"] not in runs or r["date"] > runs[r["tp"]]["date"]:
+                runs[r["tp"]] = r
+    return runs
+
+
+def plot_tp_scaling(records: list[dict], device: str, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, model in zip(axes[:2], ("llama-3.1-8b", "qwen2.5-32b")):
+        base = None
+        for mode, color in ((True, "#08519c"), (False, "#6baed6")):
+            runs = scaling_runs(records, device, "W2", model, mode)
+            if not runs:
+                continue
+            tps = sorted(runs)
+            values = [runs[t]["output_tokens_per_s"] for t in tps]
+            ax.plot(tps, values, "o-", color=color, label=f"async {'on' if mode else 'off'}")
+            for t, v in zip(tps, values):
+                ax.annotate(f"{v / 1000:.1f}k", (t, v), textcoords="offset points", xytext=(4, -10), fontsize=8)
+            if mode:
+                base = (tps[0], values[0], tps[-1])
+        if base is not None:
+            t0, v0, t_max = base
+            ideal = [t for t in (1, 2, 4, 8) if t0 <= t <= t_max]
+            ax.plot(ideal, [v0 * t / t0 for t in ideal], "--", color="gray", label=f"ideal (linear from TP={t0})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+        ax.set_xlabel("tensor-parallel degree")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"W2 {model}, 1000 x 512 in / 256 out")
+        ax.legend(fontsize=8)
+    lat_ax = axes[2]
+    runs = scaling_runs(records, device, "W3", "llama-3.1-8b", True)
+    if runs:
+        tps = sorted(runs)
+        values = [runs[t]["seconds_per_request"] for t in tps]
+        lat_ax.plot(tps, values, "o-", color="#08519c", label="Albireo, async")
+        lat_ax.plot(tps, [values[0] / t for t in tps], "--", color="gray", label="ideal (TP=1 / t)")
+        for t, v in zip(tps, values):
+            lat_ax.annotate(f"{v:.3f} s", (t, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        lat_ax.set_xscale("log", base=2)
+        lat_ax.set_xticks(tps, [str(t) for t in tps])
+    lat_ax.set_xlabel("tensor-parallel degree")
+    lat_ax.set_ylabel("seconds per request")
+    lat_ax.set_title("W3 llama-3.1-8b, batch 1, 128 in / 256 out")
+    lat_ax.legend(fontsize=8)
+    fig.suptitle(f"Tensor-parallel scaling on {device} x4, dummy weights, bf16")
+    fig.tight_layout()
+    path = out / "tp_scaling.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/plots")
+    parser.add_argument("--tp-device", default="NVIDIA H200", help="the machine whose TP runs to plot")
+    args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    records = [json.loads(path.read_text()) for path in Path(args.results).glob("W*.json")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "h100_vs_vllm.png", dpi=120)
-    print(out / "h100_vs_vllm.png")
+    print(plot_vs_vllm(records, out))
+    print(plot_tp_scaling(records, args.tp_device, out))
 
 
 if __name__ == "__main__":
