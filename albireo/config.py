@@ -214,6 +214,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gb: float = 1.0
     num_blocks_override: int | None = None
+    # A second tier of KV blocks in (pinned) host memory, per rank: blocks leaving the device
+    # prefix cache are kept there and loaded back instead of recomputed. 0 turns it off.
+    kv_offload_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -224,6 +227,10 @@ class CacheConfig:
             raise ValueError(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")
         if self.num_blocks_override is not None and self.num_blocks_override < 1:
             raise ValueError(f"num_blocks_override must be >= 1, got {self.num_blocks_override}")
+        if not self.kv_offload_gb >= 0:
+            raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
+        if self.kv_offload_gb and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_gb needs enable_prefix_caching: host blocks are found by their prefix hash")
 
 
 @dataclass
@@ -323,6 +330,7 @@ def engine_config(
     gpu_memory_utilization: float = 0.9,
     cpu_kv_cache_gb: float = 1.0,
     num_kv_blocks: int | None = None,
+    kv_offload_gb: float = 0.0,
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 8192,
     enable_chunked_prefill: bool = True,
@@ -338,7 +346,9 @@ def engine_config(
     """An EngineConfig from flat keyword arguments: what LLM(...), the CLI and the server take."""
     return EngineConfig(
         model=ModelConfig(model, tokenizer, load_format, dtype, max_model_len, seed, skip_tokenizer_init),
-        cache=CacheConfig(block_size, enable_prefix_caching, gpu_memory_utilization, cpu_kv_cache_gb, num_kv_blocks),
+        cache=CacheConfig(
+            block_size, enable_prefix_caching, gpu_memory_utilization, cpu_kv_cache_gb, num_kv_blocks, kv_offload_gb
+        ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, async_scheduling),
         parallel=ParallelConfig(tensor_parallel_size, tp_sampling, all_reduce),
         device=device,

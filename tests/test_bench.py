@@ -59,3 +59,14 @@ def test_profiled_tp2_throughput_and_latency_records_carry_the_step_breakdown(ti
         breakdown = record["step_breakdown"]
         assert breakdown["steps"] > 0 and breakdown["phases_ms_per_step"]["forward"] > 0
         assert 0 <= breakdown["serial_fraction"] <= 1
+
+
+def test_bench_multiturn_compares_the_host_tier_with_recompute(tiny_model, tmp_path):
+    main(["bench", "multiturn", "--model", tiny_model("llama"), "--num-conversations", "3", "--turns", "2",
+          "--system-len", "20", "--user-len", "16", "--output-len", "3", "--num-kv-blocks", "4",
+          "--max-model-len", "64", "--kv-offload-gb", "0.01", "--out-dir", str(tmp_path)])
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("multiturn-*.json")]
+    tier, recompute = record["modes"]["host_tier"], record["modes"]["recompute"]
+    assert recompute["host_hit_tokens"] == 0 and tier["host_hit_tokens"] > 0
+    assert tier["blocks_loaded"] * 16 == tier["host_hit_tokens"] and tier["blocks_saved"] > 0
+    assert record["ttft_p50_ratio"] > 0 and len(tier["ttft_ms_p50_by_turn"]) == 2

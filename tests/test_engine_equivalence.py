@@ -121,3 +121,34 @@ def test_async_scheduling_with_penalties_gives_the_same_outputs_as_sync(tiny_mod
     params = SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, frequency_penalty=0.5, ignore_eos=True)
     runs = [run(path, shared_prefix_prompts(), params, async_scheduling=mode)[0] for mode in (False, True)]
     assert runs[0] == runs[1]
+
+
+def run_chats(path: str, **engine_args) -> tuple[list[list[int]], LLM]:
+    """Three rounds of four conversations on one system prompt; each round's prompt is the whole
+    conversation so far (system, then user and assistant turns)."""
+    llm = LLM(path, **engine_args)
+    system = random_prompts(1, seed=30, min_len=40, max_len=40)[0]
+    chats = [list(system) for _ in range(4)]
+    tokens = []
+    try:
+        for r in range(3):
+            chats = [c + u for c, u in zip(chats, random_prompts(4, seed=31 + r, min_len=8, max_len=20))]
+            outs = [o.outputs[0].token_ids for o in llm.generate(chats, GREEDY, use_tqdm=False)]
+            chats = [c + o for c, o in zip(chats, outs)]
+            tokens += outs
+    finally:
+        llm.engine.shutdown()
+    return tokens, llm
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_host_kv_tier_gives_same_tokens_with_blocks_cycling_through_it(tiny_model, tp):
+    """A 12-block device pool holds about two conversations: the others come back from the host tier."""
+    path = tiny_model("llama")
+    expected, _ = run_chats(path, num_kv_blocks=12, max_model_len=192)
+    tokens, llm = run_chats(path, num_kv_blocks=12, max_model_len=192, kv_offload_gb=0.01, tensor_parallel_size=tp)
+    assert tokens == expected
+    assert llm.engine.core.scheduler.kv.num_host_hits > 0
+    if tp == 1:
+        stats = llm.engine.core.executor.worker.runner.offload.stats
+        assert stats.blocks_saved > 0 and stats.blocks_loaded == llm.engine.core.scheduler.kv.num_host_hits // 16

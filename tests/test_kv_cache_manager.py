@@ -17,7 +17,7 @@ def make_request(req_id: str, prompt: list[int]) -> Request:
 
 def admit(kv: KVCacheManager, request: Request) -> list[int]:
     """Admit a request the way the scheduler does: look up the prefix cache, then allocate the rest."""
-    hits, num_cached = kv.get_computed_blocks(request)
+    hits, _, num_cached = kv.get_computed_blocks(request)
     new_blocks = kv.allocate_slots(request, request.num_tokens - num_cached, hits)
     assert new_blocks is not None
     request.num_computed_tokens = request.num_tokens
@@ -190,7 +190,7 @@ def test_freed_request_tail_is_evicted_first_and_its_head_stays_a_hit():
     assert free_order(kv.pool) == [3, 2, 1, 0]
 
     admit(kv, make_request("filler", prompt(5, start=900)))  # evicts 3 and a's third block, 2
-    hits, num_cached = kv.get_computed_blocks(make_request("b", prompt(13)))
+    hits, _, num_cached = kv.get_computed_blocks(make_request("b", prompt(13)))
     assert hits == [0, 1]
     assert num_cached == 2 * BS
 
@@ -214,7 +214,7 @@ def test_identical_prompt_hits_share_block_ids_and_raise_ref_counts():
     assert a_blocks == [0, 1, 2]
 
     b = make_request("b", prompt(9))
-    hits, num_cached = kv.get_computed_blocks(b)
+    hits, _, num_cached = kv.get_computed_blocks(b)
     assert hits == [0, 1]
     assert num_cached == 8
     assert kv.allocate_slots(b, 1, hits) == [3]
@@ -238,7 +238,7 @@ def test_hits_stop_at_the_first_differing_block():
     admit(kv, make_request("a", prompt(4, start=10) + prompt(4, start=20) + prompt(4, start=30) + [1]))
     # Block 1 differs; block 2 has the same tokens as a's block 2 but a different prefix.
     b = make_request("b", prompt(4, start=10) + prompt(4, start=50) + prompt(4, start=30) + [1])
-    hits, num_cached = kv.get_computed_blocks(b)
+    hits, _, num_cached = kv.get_computed_blocks(b)
     assert hits == [0]
     assert num_cached == BS
 
@@ -253,7 +253,7 @@ def test_hits_stop_at_an_evicted_block_even_if_a_later_one_is_still_cached():
     assert free_order(kv.pool) == [1, 0, 3, 2]
     kv.pool.allocate(1)
     assert kv.pool.lookup(a.block_hashes[2]) == 2
-    hits, num_cached = kv.get_computed_blocks(make_request("b", prompt(13)))
+    hits, _, num_cached = kv.get_computed_blocks(make_request("b", prompt(13)))
     assert hits == [0]
     assert num_cached == BS
 
@@ -262,7 +262,7 @@ def test_equal_block_at_a_different_position_is_not_a_hit():
     kv = KVCacheManager(8, BS)
     admit(kv, make_request("a", prompt(4, start=10) + prompt(4, start=20) + [1]))
     # b starts with a's second block: same tokens, but a different prefix and positions.
-    hits, num_cached = kv.get_computed_blocks(make_request("b", prompt(4, start=20) + [1]))
+    hits, _, num_cached = kv.get_computed_blocks(make_request("b", prompt(4, start=20) + [1]))
     assert hits == []
     assert num_cached == 0
 
@@ -278,7 +278,7 @@ def test_prompt_of_exactly_k_full_blocks_reuses_only_k_minus_one():
     kv = KVCacheManager(8, BS)
     admit(kv, make_request("a", prompt(12)))  # all three blocks full and cached
     b = make_request("b", prompt(12))
-    hits, num_cached = kv.get_computed_blocks(b)
+    hits, _, num_cached = kv.get_computed_blocks(b)
     assert hits == [0, 1]
     assert num_cached == 8
     assert b.num_tokens - num_cached == BS  # the last block is recomputed so its last token gets logits
@@ -287,7 +287,7 @@ def test_prompt_of_exactly_k_full_blocks_reuses_only_k_minus_one():
 def test_prompt_one_token_past_k_full_blocks_reuses_all_k():
     kv = KVCacheManager(8, BS)
     admit(kv, make_request("a", prompt(12)))
-    hits, num_cached = kv.get_computed_blocks(make_request("b", prompt(13)))
+    hits, _, num_cached = kv.get_computed_blocks(make_request("b", prompt(13)))
     assert hits == [0, 1, 2]
     assert num_cached == 12
 
@@ -297,13 +297,13 @@ def test_freed_request_blocks_are_hits_until_evicted_then_misses():
     a = make_request("a", prompt(9))
     admit(kv, a)
     kv.free(a)
-    hits, _ = kv.get_computed_blocks(make_request("b", prompt(9)))
+    hits, _, _ = kv.get_computed_blocks(make_request("b", prompt(9)))
     assert hits == [0, 1]
 
     kv.allocate_slots(make_request("filler", prompt(12, start=900)), 12)  # takes every block
     assert kv.pool.lookup(a.block_hashes[0]) is None
     assert kv.pool.lookup(a.block_hashes[1]) is None
-    hits, num_cached = kv.get_computed_blocks(make_request("c", prompt(9)))
+    hits, _, num_cached = kv.get_computed_blocks(make_request("c", prompt(9)))
     assert hits == []
     assert num_cached == 0
 
@@ -317,10 +317,10 @@ def test_output_tokens_fill_blocks_that_become_prefix_hits():
     a.num_computed_tokens = 7
     a.output_token_ids.append(2)
     b_before = make_request("b0", prompt(6) + [1, 2, 3])
-    assert kv.get_computed_blocks(b_before) == ([0], BS)
+    assert kv.get_computed_blocks(b_before) == ([0], [], BS)
     kv.allocate_slots(a, 1)  # computes token 8: block 1 is full and published
     b = make_request("b", prompt(6) + [1, 2, 3])
-    hits, num_cached = kv.get_computed_blocks(b)
+    hits, _, num_cached = kv.get_computed_blocks(b)
     assert hits == [0, 1]
     assert num_cached == 8
 
@@ -329,7 +329,7 @@ def test_caching_disabled_gives_no_hits():
     kv = KVCacheManager(8, BS, enable_caching=False)
     admit(kv, make_request("a", prompt(9)))
     b = make_request("b", prompt(9))
-    assert kv.get_computed_blocks(b) == ([], 0)
+    assert kv.get_computed_blocks(b) == ([], [], 0)
     assert kv.allocate_slots(b, 9) == [3, 4, 5]
     assert kv.pool.cached == {}
 
@@ -354,7 +354,7 @@ def test_allocate_slots_counts_idle_hits_against_the_free_pool():
     admit(kv, a)
     kv.free(a)  # blocks 0 and 1 idle but cached; all 3 free
     b = make_request("b", prompt(8) + prompt(5, start=700))
-    hits, num_cached = kv.get_computed_blocks(b)
+    hits, _, num_cached = kv.get_computed_blocks(b)
     assert hits == [0, 1]
     # 13 tokens need 4 blocks: 2 new ones would fit in 3 free, but the 2 idle hits leave the free list too.
     before = (list(kv.pool.ref_counts), free_order(kv.pool), dict(kv.pool.cached))
@@ -369,8 +369,73 @@ def test_allocate_slots_with_idle_hits_succeeds_when_they_exactly_fit():
     admit(kv, a)
     kv.free(a)
     b = make_request("b", prompt(12))
-    hits, num_cached = kv.get_computed_blocks(b)
+    hits, _, num_cached = kv.get_computed_blocks(b)
     assert kv.allocate_slots(b, b.num_tokens - num_cached, hits) == [2]
     assert kv.block_ids("b") == [0, 1, 2]
     assert kv.pool.num_free == 0
     assert kv.pool.ref_counts == [1, 1, 1]
+
+
+# --- the host tier -----------------------------------------------------------------------------
+
+from albireo.core.kv_cache_manager import HostBlockPool  # noqa: E402
+
+
+def test_host_pool_hands_out_consecutive_slots_and_overwrites_the_oldest_first():
+    host = HostBlockPool(4)
+    assert host.store([11, 12, 13]) == [0, 1, 2]
+    assert host.store([14, 15]) == [3, 0]  # wraps: slot 0, the oldest (hash 11), is overwritten
+    assert host.lookup(11) is None
+    assert [host.lookup(h) for h in (12, 13, 14, 15)] == [1, 2, 3, 0]
+    assert host.store([11]) == [1]  # saved again later: it takes the next oldest slot (hash 12's)
+    assert host.lookup(12) is None and host.lookup(11) == 1
+
+
+def test_freeing_a_request_saves_its_full_blocks_once():
+    kv = KVCacheManager(8, BS, num_host_blocks=8)
+    a = make_request("a", prompt(10))  # two full blocks and a partial one
+    blocks = admit(kv, a)
+    kv.free(a)
+    loads, saves = kv.take_transfers()
+    assert loads == [] and saves == [(blocks[0], 0), (blocks[1], 1)]
+    b = make_request("b", prompt(10))  # same prompt: device hits, and nothing new to save on free
+    admit(kv, b)
+    kv.free(b)
+    assert kv.take_transfers() == ([], [])
+
+
+def test_a_prefix_evicted_from_the_device_is_loaded_from_the_host_tier():
+    kv = KVCacheManager(3, BS, num_host_blocks=8)
+    a = make_request("a", prompt(9))
+    admit(kv, a)  # blocks 0, 1 full, block 2 holds token 9
+    kv.free(a)
+    kv.take_transfers()
+    filler = make_request("filler", prompt(12, start=900))
+    admit(kv, filler)  # takes all three device blocks: a's prefix survives only on the host
+    kv.free(filler)
+    kv.take_transfers()
+    b = make_request("b", prompt(8) + [1, 2])  # shares a's first two blocks
+    hits, host_hits, num_cached = kv.get_computed_blocks(b)
+    assert hits == [] and host_hits == [0, 1] and num_cached == 2 * BS
+    new_blocks = kv.allocate_slots(b, b.num_tokens - num_cached, hits, host_hits)
+    loads, _ = kv.take_transfers()
+    assert loads == [(0, new_blocks[0]), (1, new_blocks[1])]
+    assert kv.num_host_hits == 2 * BS
+    # Once loaded, the blocks are in the device prefix cache again.
+    c = make_request("c", prompt(8) + [3])
+    assert kv.get_computed_blocks(c)[0] == new_blocks[:2]
+
+
+def test_a_host_miss_in_the_middle_stops_the_chain():
+    kv = KVCacheManager(3, BS, num_host_blocks=2)
+    a = make_request("a", prompt(9))
+    admit(kv, a)
+    kv.free(a)  # saves blocks of hashes h0, h1 to slots 0, 1
+    other = make_request("o", prompt(5, start=500))
+    admit(kv, other)
+    kv.free(other)  # saves its one full block to slot 0, overwriting h0
+    filler = make_request("filler", prompt(12, start=900))
+    admit(kv, filler)
+    b = make_request("b", prompt(9))
+    hits, host_hits, num_cached = kv.get_computed_blocks(b)
+    assert (hits, host_hits, num_cached) == ([], [], 0)  # h1 is there but h0 is not: recompute all

@@ -351,3 +351,12 @@ def test_forked_and_independent_readers_leave_no_tracker_warnings(tmp_path):
     assert result.stdout.strip() == "ok"
     assert "resource_tracker" not in result.stderr and "leaked" not in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_kv_loads_and_saves_round_trip_without_pickle():
+    cached = [CachedRequestData("3", [9], 30)]
+    plan = SchedulerOutput([], cached, {"3": 1}, set(), kv_loads=[(0, 7), (1, 8), (5, 2)], kv_saves=[(4, 6)])
+    assert not plan_uses_pickle(encode_plan(plan))
+    out = roundtrip(plan)
+    assert out.kv_loads == [(0, 7), (1, 8), (5, 2)] and out.kv_saves == [(4, 6)]
+    assert roundtrip(SchedulerOutput([], [], {}, set(), kv_saves=[(1, 2)])).kv_saves == [(1, 2)]

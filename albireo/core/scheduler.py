@@ -47,6 +47,10 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]
     # Requests the workers should forget: finished, aborted or preempted since the last plan.
     finished_req_ids: set[str] = field(default_factory=set)
+    # KV copies between the device pool and the host tier, to run before this step's attention:
+    # (device block, host slot) saves, then (host slot, device block) loads.
+    kv_loads: list[tuple[int, int]] = field(default_factory=list)
+    kv_saves: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -54,6 +58,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
+        """Nothing to compute (there may still be KV copies to run)."""
         return not self.num_scheduled_tokens
 
 
@@ -83,10 +88,11 @@ class EngineCoreOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, num_blocks: int, max_model_len: int,
+                 num_host_blocks: int = 0) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_host_blocks)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -179,13 +185,13 @@ class Scheduler:
                 # Preempted in this very pass: the pool is short, and a result of an earlier step
                 # may still arrive for it, which must find it preempted to be dropped.
                 break
-            hits, num_cached = self.kv.get_computed_blocks(request)
+            hits, host_hits, num_cached = self.kv.get_computed_blocks(request)
             n = request.num_tokens - num_cached
             if n > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 n = budget
-            if self.kv.allocate_slots(request, n, hits) is None:
+            if self.kv.allocate_slots(request, n, hits, host_hits) is None:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_cached
@@ -205,7 +211,8 @@ class Scheduler:
             )
             budget -= n
 
-        output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, self.finished_req_ids)
+        output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, self.finished_req_ids,
+                                 *self.kv.take_transfers())
         self.finished_req_ids = set()
         # The plan is final: count its tokens as computed now, so the next plan can be made before
         # this one has run.

@@ -24,8 +24,8 @@ class EngineCore:
                 f"the {needed} one sequence of max_model_len={config.max_model_len} needs: raise the memory "
                 "budget (gpu_memory_utilization / cpu_kv_cache_gb) or lower max_model_len"
             )
-        self.executor.init_kv_cache(num_blocks)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.max_model_len)
+        num_host_blocks = self.executor.init_kv_cache(num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, config.max_model_len, num_host_blocks)
         # Steps launched whose results have not been folded back yet: at most one under async
         # scheduling, none in the sequential loop.
         self.in_flight: deque = deque()

@@ -34,6 +34,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=8192)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--cpu-kv-cache-gb", type=float, default=1.0)
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV pool's size instead of sizing it")
+    g.add_argument("--kv-offload-gb", "--cpu-offload-gb", dest="kv_offload_gb", type=float, default=0.0,
+                   help="GiB of host memory per rank for a second tier of KV blocks (0: off)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--tp-sampling", default="seq_parallel", choices=["seq_parallel", "all_gather"],
                    help="under TP: each rank samples a slice of the rows, or every rank samples all of them")
@@ -74,6 +77,8 @@ def engine_args(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         cpu_kv_cache_gb=args.cpu_kv_cache_gb,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_offload_gb=args.kv_offload_gb,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_chunked_prefill=args.enable_chunked_prefill,
@@ -179,10 +184,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from albireo.bench import amdahl, latency, throughput
+    from albireo.bench import amdahl, latency, multiturn, throughput
     from albireo.bench.record import write_record
 
-    module = {"throughput": throughput, "latency": latency, "amdahl": amdahl}[args.bench]
+    module = {"throughput": throughput, "latency": latency, "amdahl": amdahl, "multiturn": multiturn}[args.bench]
     path = Path(args.model or "smollm2-135m.gguf")
     args.model_name = args.model_name or (path.stem if path.suffix == ".gguf" else path.name)
     record = module.run(args, lambda: build_llm(args))
@@ -224,12 +229,13 @@ def main(argv: list[str] | None = None) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON records to benchmarks/results/")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from albireo.bench import amdahl, latency, throughput
+    from albireo.bench import amdahl, latency, multiturn, throughput
 
     for name, module, text in (
         ("throughput", throughput, "offline throughput on random-token prompts (dummy weights welcome)"),
         ("latency", latency, "end-to-end latency of one batch"),
         ("amdahl", amdahl, "per-step breakdown, serial fraction and best TP degree, async on and off"),
+        ("multiturn", multiturn, "multi-turn chat on a small KV pool: host KV tier vs recompute (TTFT)"),
     ):
         p = bench_sub.add_parser(name, help=text)
         module.add_args(p)

@@ -35,8 +35,9 @@ class UniProcExecutor:
     def available_kv_blocks(self) -> int:
         return self.worker.available_kv_blocks()
 
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self.worker.init_kv_cache(num_blocks)
+    def init_kv_cache(self, num_blocks: int) -> int:
+        """Allocate the KV pool; returns the number of host-tier blocks (0 without the tier)."""
+        return self.worker.init_kv_cache(num_blocks)
 
     def execute_model(self, plan: SchedulerOutput) -> StepHandle | None:
         """Launch a step; its tokens come back through collect()."""
@@ -124,10 +125,9 @@ class MultiProcExecutor:
         self._send(AVAILABLE_KV_BLOCKS)
         return min(self._reply(rank) for rank in range(len(self.procs)))
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int) -> int:
         self._send(INIT_KV_CACHE, num_blocks.to_bytes(8, "little"))
-        for rank in range(len(self.procs)):
-            self._reply(rank)
+        return min(self._reply(rank) for rank in range(len(self.procs)))
 
     def execute_model(self, plan: SchedulerOutput) -> int:
         self._send(EXECUTE, encode_plan(plan))

@@ -64,6 +64,9 @@ __all__ = [
 #                     num_computed_tokens, int32[4 * n_new] lengths of prompt, output, eos and block
 #                     ids per request, those four lists concatenated, then the pickled list of
 #                     SamplingParams
+#   kv transfers      only with flag _F_KV: _KV_HEADER (number of loads, of saves), then
+#                     int32[2 * n_loads] (host slot, device block) pairs and int32[2 * n_saves]
+#                     (device block, host slot) pairs
 #
 # The id table lists: cached request ids, new request ids, then the keys of num_scheduled_tokens
 # unless they are exactly those two lists in that order (flag _F_SCHED_IMPLIED: what the scheduler
@@ -75,10 +78,12 @@ _PLAN_VERSION = 1
 _PLAN_HEADER = struct.Struct("=4sHHIIIIIII")
 # totals of prompt, output, eos and block ids of the new requests, then the pickle's length
 _NEW_HEADER = struct.Struct("=IIIII")
+_KV_HEADER = struct.Struct("=II")
 
 _F_PICKLE = 1  # the message holds a pickle (new requests' SamplingParams)
 _F_SCHED_IMPLIED = 2  # scheduled ids == cached ids + new ids: not sent again
 _F_NUL_SEP = 4  # the id blob is "\0".join(ids)
+_F_KV = 8  # the plan carries KV copies between the device pool and the host tier
 
 # int32 arrays are built with array.array("i") (the bytes of a numpy int32 array, at a fraction of
 # the fixed cost per array, which matters for small plans) and read back through memoryview casts.
@@ -165,6 +170,12 @@ def encode_plan(plan: SchedulerOutput) -> bytes:
         for group in groups:
             parts.append(array(_I32, chain.from_iterable(group)))
         parts.append(params)
+
+    if plan.kv_loads or plan.kv_saves:
+        flags |= _F_KV
+        parts.append(_KV_HEADER.pack(len(plan.kv_loads), len(plan.kv_saves)))
+        parts.append(array(_I32, chain.from_iterable(plan.kv_loads)))
+        parts.append(array(_I32, chain.from_iterable(plan.kv_saves)))
 
     parts[0] = _PLAN_HEADER.pack(_PLAN_MAGIC, _PLAN_VERSION, flags, nc, nn, ns, nf, len(ids), len(blob), len(blocks))
     return b"".join(parts)
@@ -287,9 +298,18 @@ def _decode(mv: memoryview) -> SchedulerOutput:
             )
             for i in range(nn)
         ]
+    loads: list[tuple[int, int]] = []
+    saves: list[tuple[int, int]] = []
+    if flags & _F_KV:
+        n_loads, n_saves = _KV_HEADER.unpack_from(mv, pos)
+        pos += _KV_HEADER.size
+        pairs = mv[pos : pos + 8 * (n_loads + n_saves)].cast(_I32).tolist()
+        pos += 8 * (n_loads + n_saves)
+        loads = list(zip(pairs[0 : 2 * n_loads : 2], pairs[1 : 2 * n_loads : 2]))
+        saves = list(zip(pairs[2 * n_loads :: 2], pairs[2 * n_loads + 1 :: 2]))
     if pos != mv.nbytes:
         raise ValueError(f"encoded plan is corrupt: {mv.nbytes - pos} bytes left over")
-    return SchedulerOutput(new, cached, num_scheduled, finished)
+    return SchedulerOutput(new, cached, num_scheduled, finished, loads, saves)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -51,10 +51,13 @@ class Worker:
             budget = cache.cpu_kv_cache_gb * 2**30
         return max(int(budget // self.runner.kv_cache_bytes_per_block()), 0)
 
-    def init_kv_cache(self, num_blocks: int) -> None:
+    def init_kv_cache(self, num_blocks: int) -> int:
+        """Allocate the KV pool (and the host tier); returns the host tier's number of blocks."""
         self.runner.init_kv_cache(num_blocks)
+        num_host_blocks = self.runner.init_host_tier(self.config.cache.kv_offload_gb)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             self.runner.capture_cuda_graphs()
+        return num_host_blocks
 
     def execute_model(self, plan: SchedulerOutput) -> StepHandle | None:
         return self.runner.execute(plan)
@@ -93,8 +96,7 @@ def run_worker(
             elif command == AVAILABLE_KV_BLOCKS:
                 conn.send(("ok", worker.available_kv_blocks()))
             elif command == INIT_KV_CACHE:
-                worker.init_kv_cache(int.from_bytes(payload, "little"))
-                conn.send(("ok", None))
+                conn.send(("ok", worker.init_kv_cache(int.from_bytes(payload, "little"))))
             elif command == SHUTDOWN:
                 break
     except (EOFError, KeyboardInterrupt):

@@ -9,6 +9,7 @@ the torch reference does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ class AttentionMetadata:
     # Host copies, for the reference backend, which loops over sequences.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Called with the layer's index before it reads the cache: waits for KV blocks being loaded.
+    before_attention: Callable[[int], None] | None = None
 
 
 class Attention(nn.Module):
@@ -38,12 +41,15 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.layer_idx = 0  # set by the model runner when it binds the cache
         # [num_blocks, block_size, num_kv_heads, head_dim] each; bound by the model runner.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hk, D] -> [T, Hq * D]."""
+        if meta.before_attention is not None:
+            meta.before_attention(self.layer_idx)
         if q.is_cuda:
             from albireo.kernels import triton_attention
 

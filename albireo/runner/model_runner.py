@@ -21,6 +21,7 @@ from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.layers.attention import AttentionMetadata
 from albireo.model.loader import build_model
 from albireo.runner.input_batch import InputBatch, RunnerRequest
+from albireo.runner.kv_offload import HostKVTier, LoadStep
 from albireo.distributed.parallel_state import tp_size
 from albireo.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, to_device
 from albireo.sampling.seq_parallel import seq_parallel_sample
@@ -59,6 +60,9 @@ class ModelRunner:
         self.max_num_reqs = config.scheduler.max_num_seqs
         self.batch = InputBatch(self.max_num_reqs, config.max_model_len, self.block_size)
         self.kv_cache: torch.Tensor | None = None
+        self.offload: HostKVTier | None = None
+        # Launched steps with KV loads, with their forward's timing events, not yet accounted.
+        self.load_steps: list[tuple[LoadStep, torch.cuda.Event, torch.cuda.Event]] = []
 
         max_tokens = max(config.scheduler.max_num_batched_tokens, self.max_num_reqs)
         on_gpu = device.type == "cuda"
@@ -98,6 +102,13 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+            layer.layer_idx = i
+
+    def init_host_tier(self, gb: float) -> int:
+        """The host tier of `gb` GiB for the pool just allocated; returns its number of blocks."""
+        num_slots = int(gb * 2**30 // self.kv_cache_bytes_per_block())
+        self.offload = HostKVTier(self.kv_cache, num_slots) if num_slots else None
+        return num_slots
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
@@ -245,6 +256,7 @@ class ModelRunner:
         from that step's device tensor of sampled tokens.
         """
         self._apply_plan(plan)
+        load_step = self._transfer_kv(plan) if self.offload is not None else None
         if plan.is_empty:
             return None
         req_ids = list(plan.num_scheduled_tokens)
@@ -272,7 +284,8 @@ class ModelRunner:
             state.num_pending += 1
 
         marks = [self._mark()] if self.config.profile_steps else None
-        graph_size = self._graph_size(len(states)) if samples and int(counts.max()) == 1 else None
+        decode_only = samples and int(counts.max()) == 1 and load_step is None
+        graph_size = self._graph_size(len(states)) if decode_only else None
         if graph_size is not None:
             self._stage(rows, starts, counts, carried, pad_to=graph_size)
             graph, graph_logits = self.graphs[graph_size]
@@ -281,7 +294,12 @@ class ModelRunner:
         else:
             meta = self._stage(rows, starts, counts, carried)
             n = int(counts.sum())
+            if load_step is not None:
+                meta.before_attention = load_step.wait_for_layer
+                forward_start = self._mark()
             hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
+            if load_step is not None:
+                self.load_steps.append((load_step, forward_start, self._mark()))
             if not samples:
                 self.prev_tokens, self.prev_index = None, {}
                 self.prev_end = None  # a step without samples is not profiled: no gap to measure
@@ -302,6 +320,19 @@ class ModelRunner:
         handle = self._send_home(out, sampled_ids, sampling_states)
         handle.marks = marks
         return handle
+
+    def _transfer_kv(self, plan: SchedulerOutput) -> LoadStep | None:
+        """Start the plan's host-tier copies; keep its new blocks from being written mid-save."""
+        load_step = self.offload.transfer(plan.kv_loads, plan.kv_saves)
+        if self.offload.pending_saves:
+            self.offload.fence({b for new in plan.new_requests for b in new.block_ids}
+                               | {b for c in plan.cached_requests for b in c.new_block_ids})
+        return load_step
+
+    def account_loads(self) -> None:
+        """Statistics of the load steps that have finished on the GPU (never waits)."""
+        while self.load_steps and self.load_steps[0][2].query():
+            self.offload.account(*self.load_steps.pop(0))
 
     def _mark(self):
         if self.device.type != "cuda":
@@ -340,6 +371,8 @@ class ModelRunner:
             return SampledTokens([], [])
         if handle.event is not None:
             handle.event.synchronize()
+        if self.load_steps:
+            self.account_loads()
         token_ids = handle.tokens.tolist()
         for req_id, state, token_id in zip(handle.req_ids, handle.states, token_ids):
             state.num_pending -= 1

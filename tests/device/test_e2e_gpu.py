@@ -172,3 +172,16 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
                     gpu_memory_utilization=0.3),
         prompts, params)
     assert tp_n == tp1
+
+
+def test_host_kv_tier_on_the_gpu_gives_the_same_tokens(tiny_model):
+    """Saves and layer-by-layer loads on the copy stream, forward waiting per layer, CUDA graphs on."""
+    from test_engine_equivalence import run_chats
+
+    path = tiny_model("llama")
+    args = dict(dtype="float32", num_kv_blocks=12, max_model_len=192)
+    expected, _ = run_chats(path, **args)
+    tokens, llm = run_chats(path, kv_offload_gb=0.01, **args)
+    assert tokens == expected
+    stats = llm.engine.core.executor.worker.runner.offload.stats
+    assert llm.engine.core.scheduler.kv.num_host_hits > 0 and stats.blocks_saved > 0

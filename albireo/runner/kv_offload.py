@@ -1,0 +1,172 @@
+"""The host tier of the KV cache on a worker: pinned host copies of blocks, moved on a copy stream.
+
+A plan's saves (device block -> host slot) go first: a block saved by this plan may be looked up
+and loaded by a request the same plan admits. Its loads (host slot -> device block) follow layer by
+layer on the same stream, each layer's followed by an event; the forward waits on layer i's event
+just before layer i's attention, so layer i+1's blocks cross PCIe while layer i computes. One
+stream keeps every copy in plan order, so a slot is never overwritten before an earlier load has
+read it. The copy stream first waits for the compute queued so far (the blocks' last writes, and
+reads of blocks being reused); a step that writes into a block whose save is still running waits
+for it.
+
+Blocks are scattered in the device pool but the scheduler hands out host slots in runs, so a
+layer's copies are: one gather (or scatter) kernel on the device through a staging buffer, and one
+host copy per run of consecutive slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from albireo.sampling.sampler import to_device
+
+
+@dataclass
+class OffloadStats:
+    blocks_loaded: int = 0
+    blocks_saved: int = 0
+    bytes_loaded: int = 0
+    bytes_saved: int = 0
+    load_steps: int = 0
+    # Milliseconds the forward of steps with loads stood waiting on them, and those forwards' time.
+    load_wait_ms: float = 0.0
+    load_forward_ms: float = 0.0
+    # Per-layer intervals of one traced load step (ms from the step's start), for a timeline plot.
+    trace: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(position in the list, first slot, length) of each run of consecutive slots."""
+    runs = []
+    for i, slot in enumerate(slots):
+        if runs and slot == runs[-1][1] + runs[-1][2]:
+            start, first, n = runs[-1]
+            runs[-1] = (start, first, n + 1)
+        else:
+            runs.append((i, slot, 1))
+    return runs
+
+
+def _timer(stream=None) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+@dataclass
+class LoadStep:
+    """The loads of one launched step: an event per layer, and the forward's waits on them."""
+
+    ready: list[torch.cuda.Event]
+    waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+    # When traced: the copy stream's start and each layer's copy interval.
+    trace_start: torch.cuda.Event | None = None
+    copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+
+    def wait_for_layer(self, layer: int) -> None:
+        """Called by layer `layer`'s attention before it reads the cache."""
+        before = _timer()
+        torch.cuda.current_stream().wait_event(self.ready[layer])
+        self.waits.append((before, _timer()))
+
+
+class HostKVTier:
+    def __init__(self, kv_cache: torch.Tensor, num_slots: int, staging_blocks: int = 256) -> None:
+        num_layers, _, _, block_size, num_heads, head_dim = kv_cache.shape
+        self.kv_cache = kv_cache
+        self.on_gpu = kv_cache.is_cuda
+        self.block = (block_size, num_heads, head_dim)
+        self.host = torch.empty((num_layers, 2, num_slots, *self.block), dtype=kv_cache.dtype, pin_memory=self.on_gpu)
+        # Where a layer's loaded blocks land on the device before they are scattered to their blocks.
+        self.staging_blocks = staging_blocks
+        self.staging = torch.empty(2 * staging_blocks * block_size * num_heads * head_dim, dtype=kv_cache.dtype,
+                                   device=kv_cache.device)
+        self.block_bytes = num_layers * 2 * block_size * num_heads * head_dim * kv_cache.dtype.itemsize
+        self.stream = torch.cuda.Stream(kv_cache.device) if self.on_gpu else None
+        self.pending_saves: list[tuple[torch.cuda.Event, set[int]]] = []
+        self.trace_next = False  # record the next load step's per-layer timeline
+        self.stats = OffloadStats()
+
+    # ---- issuing copies --------------------------------------------------------------------------
+
+    def transfer(self, loads: list[tuple[int, int]], saves: list[tuple[int, int]]) -> LoadStep | None:
+        """Issue a plan's saves, then its loads; returns what the forward must wait on, if anything."""
+        self.stats.blocks_loaded += len(loads)
+        self.stats.bytes_loaded += len(loads) * self.block_bytes
+        self.stats.blocks_saved += len(saves)
+        self.stats.bytes_saved += len(saves) * self.block_bytes
+        if not self.on_gpu:  # one stream: the copies are done when these calls return
+            self._save(saves)
+            self._load(loads)
+            return None
+        self.stream.wait_stream(torch.cuda.current_stream())
+        step = None
+        with torch.cuda.stream(self.stream):
+            if saves:
+                self._save(saves)
+                done = torch.cuda.Event()
+                done.record()
+                self.pending_saves.append((done, {block for block, _ in saves}))
+            if loads:
+                step = LoadStep([])
+                if self.trace_next:
+                    self.trace_next = False
+                    step.trace_start = _timer()
+                self._load(loads, step)
+        return step
+
+    def _load(self, loads: list[tuple[int, int]], step: LoadStep | None = None) -> None:
+        size = self.staging_blocks
+        chunks = [loads[lo : lo + size] for lo in range(0, len(loads), size)]
+        plans = [(_runs([slot for slot, _ in chunk]), to_device([b for _, b in chunk], torch.int64, self.kv_cache.device))
+                 for chunk in chunks]
+        for layer in range(self.kv_cache.shape[0]):
+            start = _timer() if step is not None and step.trace_start is not None else None
+            for chunk, (runs, blocks) in zip(chunks, plans):
+                stage = self.staging[: self.staging.numel() * len(chunk) // size].view(2, len(chunk), *self.block)
+                for pos, first, n in runs:
+                    for kv in range(2):
+                        stage[kv, pos : pos + n].copy_(self.host[layer, kv, first : first + n], non_blocking=True)
+                self.kv_cache[layer].index_copy_(1, blocks, stage)
+            if step is not None:
+                event = torch.cuda.Event(enable_timing=start is not None)
+                event.record()
+                step.ready.append(event)
+                if start is not None:
+                    step.copies.append((start, event))
+
+    def _save(self, saves: list[tuple[int, int]]) -> None:
+        blocks = to_device([block for block, _ in saves], torch.int64, self.kv_cache.device)
+        runs = _runs([slot for _, slot in saves])
+        for layer in range(self.kv_cache.shape[0]):
+            # A fresh gather per layer: its memory returns to this stream's pool only after the
+            # copies below, which run in this stream's order.
+            gathered = self.kv_cache[layer].index_select(1, blocks)
+            for pos, first, n in runs:
+                for kv in range(2):
+                    self.host[layer, kv, first : first + n].copy_(gathered[kv, pos : pos + n], non_blocking=True)
+
+    # ---- the compute stream's side ----------------------------------------------------------------
+
+    def fence(self, blocks) -> None:
+        """Make the compute stream wait for running saves of any of these blocks before it writes them."""
+        self.pending_saves = [(done, saved) for done, saved in self.pending_saves if not done.query()]
+        for done, saved in self.pending_saves:
+            if not saved.isdisjoint(blocks):
+                torch.cuda.current_stream().wait_event(done)
+
+    def account(self, step: LoadStep, forward_start: torch.cuda.Event, forward_end: torch.cuda.Event) -> None:
+        """Fold a finished load step's waits into the statistics (its events have all completed)."""
+        self.stats.load_steps += 1
+        self.stats.load_wait_ms += sum(a.elapsed_time(b) for a, b in step.waits)
+        self.stats.load_forward_ms += forward_start.elapsed_time(forward_end)
+        if step.trace_start is not None:
+            base = step.trace_start
+
+            def ms(pairs):
+                return [(base.elapsed_time(a), base.elapsed_time(b)) for a, b in pairs]
+
+            self.stats.trace = {"copy": ms(step.copies), "wait": ms(step.waits),
+                                "forward": ms([(forward_start, forward_end)])}
