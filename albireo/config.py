@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,6 +249,34 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
+# Multi-node settings left unset come from these environment variables, the names torchrun-style
+# launchers and cluster scripts already export, else from these defaults (torch's usual port).
+MULTINODE_ENV = {
+    "nnodes": "NNODES",
+    "node_rank": "NODE_RANK",
+    "master_addr": "MASTER_ADDR",
+    "master_port": "MASTER_PORT",
+}
+MULTINODE_DEFAULTS = {"nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": 29500}
+
+
+def _multinode_setting(name: str, value: int | str | None) -> tuple[int | str, str]:
+    """(value, its name for errors): the argument, else its environment variable, else the default."""
+    if value is not None:
+        return value, name
+    env = MULTINODE_ENV[name]
+    raw = os.environ.get(env)
+    if raw is None:
+        return MULTINODE_DEFAULTS[name], name
+    label = f"{name} (from {env}={raw!r})"
+    if name == "master_addr":
+        return raw, label
+    try:
+        return int(raw), label
+    except ValueError:
+        raise ValueError(f"{label} must be an integer") from None
+
+
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
@@ -258,6 +287,15 @@ class ParallelConfig:
     # How GPU ranks sum activations: "symm_mem" (small tensors over peer memory, larger ones and
     # any failure through NCCL) or "nccl" alone. CPU ranks always use gloo.
     all_reduce: str = "symm_mem"
+    # Multi-node TP: the ranks are split evenly over `nnodes` nodes; node k runs global ranks
+    # k * ranks_per_node onwards. The engine core runs on node 0 only. torch.distributed meets at
+    # master_addr:master_port (env:// rendezvous) and node 0 relays the engine's commands to the
+    # other nodes on master_port + 1. With one node the rendezvous is a free loopback port instead.
+    # None: the environment variable in MULTINODE_ENV, else MULTINODE_DEFAULTS.
+    nnodes: int | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -266,6 +304,32 @@ class ParallelConfig:
             raise ValueError(f"sampling must be seq_parallel or all_gather, got {self.sampling!r}")
         if self.all_reduce not in ("symm_mem", "nccl"):
             raise ValueError(f"all_reduce must be symm_mem or nccl, got {self.all_reduce!r}")
+        label = {}  # how errors name each setting: the user may never have typed it
+        for name in MULTINODE_ENV:
+            value, label[name] = _multinode_setting(name, getattr(self, name))
+            setattr(self, name, value)
+        if self.nnodes < 1:
+            raise ValueError(f"{label['nnodes']} must be >= 1, got {self.nnodes}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of {label['nnodes']} "
+                f"({self.nnodes}): every node runs the same number of ranks"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"{label['node_rank']} must be in [0, {self.nnodes}) for nnodes={self.nnodes}, got {self.node_rank}"
+            )
+        if not self.master_addr:
+            raise ValueError(f"{label['master_addr']} must not be empty")
+        if not 1 <= self.master_port <= 65534:
+            raise ValueError(
+                f"{label['master_port']} must be in [1, 65534] (the relay takes master_port + 1), "
+                f"got {self.master_port}"
+            )
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
 
 
 @dataclass
@@ -338,6 +402,10 @@ def engine_config(
     tensor_parallel_size: int = 1,
     tp_sampling: str = "seq_parallel",
     all_reduce: str = "symm_mem",
+    nnodes: int | None = None,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
     skip_tokenizer_init: bool = False,
     enforce_eager: bool = False,
     fused_kernels: bool = True,
@@ -350,7 +418,9 @@ def engine_config(
             block_size, enable_prefix_caching, gpu_memory_utilization, cpu_kv_cache_gb, num_kv_blocks, kv_offload_gb
         ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, async_scheduling),
-        parallel=ParallelConfig(tensor_parallel_size, tp_sampling, all_reduce),
+        parallel=ParallelConfig(
+            tensor_parallel_size, tp_sampling, all_reduce, nnodes, node_rank, master_addr, master_port
+        ),
         device=device,
         enforce_eager=enforce_eager,
         fused_kernels=fused_kernels,

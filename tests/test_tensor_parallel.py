@@ -73,7 +73,7 @@ def test_tp2_seeded_sampling_and_logprobs_equal_tp1(tiny_model, tp_sampling):
 
 def test_a_killed_worker_fails_the_engine_with_its_rank_and_leaves_no_process(tiny_model):
     llm = LLM(tiny_model("llama"), tensor_parallel_size=2)
-    procs = list(llm.engine.core.executor.procs)
+    procs = list(llm.engine.core.executor.workers.procs.values())
     os.kill(procs[1].pid, signal.SIGKILL)
     with pytest.raises(WorkerDiedError, match="rank 1"):
         llm.generate(random_prompts(2, seed=1), GREEDY, use_tqdm=False)

@@ -6,6 +6,8 @@ A process that never joined a group is rank 0 of a group of one, and the collect
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -68,9 +70,24 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def init_distributed(rank: int, world_size: int, init_method: str, backend: str) -> None:
-    """Join the process group (gloo on CPU, nccl on GPUs) and make it this process's TP group."""
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of a group meet: rank 0 serves torch's TCP store at addr:port."""
+
+    addr: str
+    port: int
+
+
+def init_distributed(rank: int, world_size: int, rendezvous: Rendezvous, backend: str) -> None:
+    """Join the process group (gloo on CPU, nccl on GPUs) and make it this process's TP group.
+
+    The env:// rendezvous, as under torchrun: this process is a worker of its own, so its
+    environment is where MASTER_ADDR and MASTER_PORT belong (NCCL's and gloo's own settings, such
+    as NCCL_SOCKET_IFNAME, come in the same way from the launching shell).
+    """
+    os.environ["MASTER_ADDR"] = rendezvous.addr
+    os.environ["MASTER_PORT"] = str(rendezvous.port)
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
     set_tensor_parallel_group(dist.group.WORLD)
 
 

@@ -1,4 +1,4 @@
-"""The `albireo` command: generate (one answer) and chat (interactive, streamed)."""
+"""The `albireo` command: generate, chat, serve, bench, and worker-node (the other nodes of a multi-node run)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="under TP: each rank samples a slice of the rows, or every rank samples all of them")
     g.add_argument("--all-reduce", default="symm_mem", choices=["symm_mem", "nccl"],
                    help="under TP on GPUs: small all-reduces over peer memory (NCCL for the rest), or NCCL only")
+    g.add_argument("--nnodes", type=int, default=None,
+                   help="nodes the TP ranks are split over (default: $NNODES, else 1)")
+    g.add_argument("--node-rank", type=int, default=None,
+                   help="this node: 0 runs the engine, 1 .. nnodes-1 run `albireo worker-node` "
+                   "(default: $NODE_RANK, else 0)")
+    g.add_argument("--master-addr", default=None,
+                   help="node 0's address, for torch.distributed and the relay (default: $MASTER_ADDR, else 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="torch.distributed's port on node 0; the relay takes the next one "
+                   "(default: $MASTER_PORT, else 29500)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
     g.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
@@ -86,6 +96,10 @@ def engine_args(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         tp_sampling=args.tp_sampling,
         all_reduce=args.all_reduce,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
         enforce_eager=args.enforce_eager,
         fused_kernels=args.fused_kernels,
         skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),
@@ -202,6 +216,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(args)
 
 
+def cmd_worker_node(args: argparse.Namespace) -> None:
+    import logging
+    import signal
+
+    from albireo.config import engine_config
+    from albireo.executor.node_relay import NodeStopped, run_worker_node
+
+    logging.basicConfig(level=logging.INFO, format="albireo worker-node: %(message)s")
+    # A job scheduler stops with SIGTERM: leave as Ctrl-C does, stopping the workers on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        run_worker_node(engine_config(**engine_args(args)))
+    except NodeStopped as e:
+        print(f"albireo worker-node: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="albireo", description="Albireo LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +257,15 @@ def main(argv: list[str] | None = None) -> None:
     add_serve_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    node = sub.add_parser(
+        "worker-node",
+        help="host the TP ranks of node 1 .. nnodes-1 of a multi-node run (node 0 runs serve/generate/chat)",
+        description="Start this node's TP workers and relay node 0's commands to them, until node 0 shuts down. "
+        "Pass the same engine arguments as node 0, with this node's --node-rank.",
+    )
+    add_engine_args(node)
+    node.set_defaults(func=cmd_worker_node, skip_tokenizer_init=True)
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON records to benchmarks/results/")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

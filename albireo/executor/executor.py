@@ -2,29 +2,25 @@
 
 With one device the worker lives in the engine-core process (UniProcExecutor). With tensor
 parallelism each rank is a worker process (MultiProcExecutor) that reads every command, in order,
-from one shared-memory ring (step plans in a compact binary encoding, no pickle per step); rank 0
-sends the sampled tokens back over a pipe. A worker that dies makes the next wait fail with an
-error naming its rank, and the other workers are stopped.
+from its node's shared-memory ring (step plans in a compact binary encoding, no pickle per step);
+rank 0 sends the sampled tokens back over a pipe. The engine runs on node 0; with several nodes
+the same commands also go to the other nodes' rings through the relay (node_relay.py). A worker
+or node that dies makes the next wait fail with an error naming it, and the other workers are
+stopped.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import socket
 import time
 
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
-from albireo.executor.shm_ring import ShmRing, encode_plan
-from albireo.executor.worker import (
-    AVAILABLE_KV_BLOCKS,
-    COLLECT,
-    EXECUTE,
-    INIT_KV_CACHE,
-    SHUTDOWN,
-    Worker,
-    run_worker,
-)
+from albireo.distributed.parallel_state import Rendezvous
+from albireo.executor.node_relay import RemoteNodes
+from albireo.executor.shm_ring import encode_plan
+from albireo.executor.worker import AVAILABLE_KV_BLOCKS, COLLECT, EXECUTE, INIT_KV_CACHE, Worker
+from albireo.executor.worker_group import WorkerDiedError, WorkerGroup
 from albireo.runner.model_runner import StepHandle
 
 
@@ -50,10 +46,6 @@ class UniProcExecutor:
         pass
 
 
-class WorkerDiedError(RuntimeError):
-    pass
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,72 +54,71 @@ def _free_port() -> int:
 
 class MultiProcExecutor:
     def __init__(self, config: EngineConfig) -> None:
-        world_size = config.parallel.tensor_parallel_size
-        ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        self.ring = ShmRing.create(num_readers=world_size)
-        self.conns = []
-        self.procs = []
-        for rank in range(world_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=run_worker,
-                args=(config, rank, world_size, init_method, self.ring.handle(), child),
-                name=f"albireo-worker-{rank}",
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
-        for rank in range(world_size):
+        par = config.parallel
+        self.world_size = par.tensor_parallel_size
+        self.remote: RemoteNodes | None = None
+        if par.nnodes == 1:
+            rendezvous = Rendezvous("127.0.0.1", _free_port())
+        else:
+            if par.node_rank != 0:
+                raise ValueError(
+                    f"node_rank is {par.node_rank}, but the engine runs on node 0 only: start node "
+                    f"{par.node_rank} with `albireo worker-node` and the same engine arguments"
+                )
+            rendezvous = Rendezvous(par.master_addr, par.master_port)
+            self.remote = RemoteNodes(config)
+        self.workers = WorkerGroup(config, node_rank=0, rendezvous=rendezvous)
+        for rank in range(self.world_size):
             self._reply(rank)
 
     def _send(self, command: bytes, payload: bytes = b"") -> None:
-        """Broadcast a command; while the ring is full, check that every reader is still alive."""
+        """Broadcast a command to every rank, on this node and, through the relay, on the others."""
         message = command + payload
-        while True:
-            try:
-                self.ring.put(message, timeout=0.1)
-                return
-            except TimeoutError:
-                for rank, proc in enumerate(self.procs):
-                    if not proc.is_alive():
-                        self._fail(rank)
+        self.workers.put(message, on_wait=self._check)
+        if self.remote is not None:
+            self.remote.send(message)
 
     def _reply(self, rank: int):
         """Wait for a rank's answer, watching every worker so that a dead one cannot hang us."""
-        conn = self.conns[rank]
+        if rank not in self.workers.ranks:
+            while (reply := self.remote.reply(rank, timeout=0.05)) is None:
+                self._check()
+            return reply.value
+        conn = self.workers.conns[rank]
         while not conn.poll(0.05):
-            for r, proc in enumerate(self.procs):
-                if not proc.is_alive():
-                    self._fail(r)
+            self._check()
         try:
             status, value = conn.recv()
         except EOFError:
-            self._fail(rank)
+            self._fail(_died(rank, self.workers.procs[rank].exitcode))
         if status == "error":
             # A collective fails on every rank when one rank dies: name the dead one if there is one.
             time.sleep(0.2)
-            dead = [r for r, proc in enumerate(self.procs) if not proc.is_alive() and proc.exitcode != 0]
-            if dead:
-                self._fail(dead[0])
-            self.shutdown()
-            raise WorkerDiedError(f"worker rank {rank} failed:\n{value}")
+            self._fail(self._failure(crashed_only=True) or f"worker rank {rank} failed:\n{value}")
         return value
 
-    def _fail(self, rank: int) -> None:
-        code = self.procs[rank].exitcode
+    def _failure(self, crashed_only: bool) -> str | None:
+        dead = self.workers.dead(crashed_only)
+        if dead is not None:
+            return _died(*dead)
+        return None if self.remote is None else self.remote.failure(crashed_only)
+
+    def _check(self) -> None:
+        failure = self._failure(crashed_only=False)
+        if failure is not None:
+            self._fail(failure)
+
+    def _fail(self, failure: str) -> None:
         self.shutdown()
-        raise WorkerDiedError(f"worker rank {rank} died (exit code {code}); the engine has stopped its other workers")
+        raise WorkerDiedError(f"the engine stopped its workers: {failure}")
 
     def available_kv_blocks(self) -> int:
         self._send(AVAILABLE_KV_BLOCKS)
-        return min(self._reply(rank) for rank in range(len(self.procs)))
+        return min(self._reply(rank) for rank in range(self.world_size))
 
     def init_kv_cache(self, num_blocks: int) -> int:
         self._send(INIT_KV_CACHE, num_blocks.to_bytes(8, "little"))
-        return min(self._reply(rank) for rank in range(len(self.procs)))
+        return min(self._reply(rank) for rank in range(self.world_size))
 
     def execute_model(self, plan: SchedulerOutput) -> int:
         self._send(EXECUTE, encode_plan(plan))
@@ -138,18 +129,13 @@ class MultiProcExecutor:
         return self._reply(0)
 
     def shutdown(self) -> None:
-        if self.ring.closed:
-            return
-        try:
-            self.ring.put(SHUTDOWN, timeout=1.0)
-        except TimeoutError:
-            pass  # a reader is gone or stuck: it is killed below
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-        self.ring.unlink()
+        if self.remote is not None:
+            self.remote.close()
+        self.workers.shutdown()
+
+
+def _died(rank: int, exitcode: int | None) -> str:
+    return f"worker rank {rank} died (exit code {exitcode})"
 
 
 def make_executor(config: EngineConfig) -> UniProcExecutor | MultiProcExecutor:

@@ -12,7 +12,9 @@ each step, hundreds of times a second. Two pieces make that cheap:
     dataclass (stop strings, seed, logprobs, fields added later) without a second schema to keep in
     sync, and its cost (a few microseconds a request) is paid only on the step a request is
     (re)admitted; in return that part of the message is Python-specific and must only ever be read
-    by processes of the same trusted engine, never from a socket.
+    by processes of the same trusted engine: never from a socket anyone can write to. (Multi-node
+    runs carry these messages over TCP from node 0 to the worker nodes that connected to it; see
+    node_relay.py for that trust.)
 
 `ShmRing`
     One writer, N readers, each in its own process, over one `multiprocessing.shared_memory`

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import threading
+import time
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection
@@ -12,7 +15,12 @@ import torch
 from albireo import kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
-from albireo.distributed.parallel_state import enable_symm_all_reduce, init_distributed, shutdown_distributed
+from albireo.distributed.parallel_state import (
+    Rendezvous,
+    enable_symm_all_reduce,
+    init_distributed,
+    shutdown_distributed,
+)
 from albireo.executor.shm_ring import ShmRing, ShmRingHandle, decode_plan
 from albireo.runner.model_runner import ModelRunner, StepHandle
 
@@ -22,10 +30,10 @@ EXECUTE, COLLECT, AVAILABLE_KV_BLOCKS, INIT_KV_CACHE, SHUTDOWN = b"E", b"C", b"K
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, local_rank: int = 0) -> None:
+        """`local_rank`: the rank among this node's workers, which is the index of its GPU."""
         self.config = config
-        self.rank = rank
-        self.device = torch.device("cuda", rank) if config.device == "cuda" else torch.device("cpu")
+        self.device = torch.device("cuda", local_rank) if config.device == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if config.parallel.all_reduce == "symm_mem":
@@ -67,21 +75,30 @@ class Worker:
 
 
 def run_worker(
-    config: EngineConfig, rank: int, world_size: int, init_method: str, ring: ShmRingHandle, conn: Connection
+    config: EngineConfig,
+    rank: int,
+    local_rank: int,
+    rendezvous: Rendezvous,
+    ring: ShmRingHandle,
+    conn: Connection,
 ) -> None:
     """A worker process: join the TP group, build this rank's shard, then serve the engine's commands.
+
+    `rank` is the global TP rank; `local_rank` the worker's index on its node (its reader index on
+    the node's ring, and its GPU).
 
     Commands arrive in order on the shared-memory ring, one tag byte then the payload (a step plan
     in the ring's compact encoding for "execute"); replies go back on `conn`. "execute" launches a
     step and "collect" finishes the oldest launched one (rank 0 sends its tokens back), so a step
     can be launched before the previous one is collected, as the engine core's async loop does.
     """
+    _exit_with_parent()
     commands = None
     try:
         backend = "nccl" if config.device == "cuda" else "gloo"
-        init_distributed(rank, world_size, init_method, backend)
-        commands = ShmRing.attach(ring, rank)
-        worker = Worker(config, rank)
+        init_distributed(rank, config.parallel.tensor_parallel_size, rendezvous, backend)
+        commands = ShmRing.attach(ring, local_rank)
+        worker = Worker(config, local_rank)
         conn.send(("ok", None))
         launched: deque[StepHandle | None] = deque()
         while True:
@@ -107,3 +124,20 @@ def run_worker(
         if commands is not None:
             commands.close()
         shutdown_distributed()
+
+
+def _exit_with_parent() -> None:
+    """Leave as soon as the process that started this worker is gone, wherever the worker waits.
+
+    The ring tells a worker that reads it when its writer died, but a worker blocked elsewhere, in
+    torch.distributed's rendezvous for ranks of a node that never comes or in a collective, would
+    otherwise outlive its (killed) parent for as long as torch's timeouts.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="albireo-parent-watch", daemon=True).start()
