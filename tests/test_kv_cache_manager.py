@@ -439,3 +439,17 @@ def test_a_host_miss_in_the_middle_stops_the_chain():
     b = make_request("b", prompt(9))
     hits, host_hits, num_cached = kv.get_computed_blocks(b)
     assert (hits, host_hits, num_cached) == ([], [], 0)  # h1 is there but h0 is not: recompute all
+
+
+def test_a_slot_stored_to_by_the_plan_being_built_is_not_loaded_from():
+    kv = KVCacheManager(3, BS, num_host_blocks=8)
+    a = make_request("a", prompt(9))
+    admit(kv, a)
+    kv.free(a)  # saves queued, not yet sent: the slots hold nothing yet
+    filler = make_request("filler", prompt(12, start=900))
+    admit(kv, filler)  # evicts a's device blocks
+    kv.free(filler)
+    b = make_request("b", prompt(9))
+    assert kv.get_computed_blocks(b)[1] == []
+    kv.take_transfers()  # the plan carrying the saves goes out
+    assert kv.get_computed_blocks(b)[1] == [0, 1]

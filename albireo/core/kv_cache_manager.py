@@ -11,8 +11,8 @@ or preempted), unless their hash is there already, so a block the device pool la
 lost; a request admitted later continues its prefix-cache lookup in the host tier past the device
 hits and gets those blocks loaded into fresh device blocks instead of recomputing them. The copies
 are queued here as (device block, host slot) saves and (host slot, device block) loads and ride on
-the next plan; the workers run them in plan order, saves before loads (every slot a plan stores
-to is handed out before that plan's admissions look the host tier up).
+the next plan; the workers run a plan's loads before its saves, so a lookup never takes a slot
+the plan being built stores to.
 """
 
 from __future__ import annotations
@@ -163,9 +163,11 @@ class KVCacheManager:
             hits.append(block_id)
         host_hits: list[int] = []
         if self.host is not None:
+            # A slot this plan stores to holds its block only once the plan's loads are done.
+            storing = {slot for _, slot in self.kv_saves}
             for block_hash in request.block_hashes[len(hits) : max_blocks]:
                 slot = self.host.lookup(block_hash)
-                if slot is None:
+                if slot is None or slot in storing:
                     break
                 host_hits.append(slot)
         return hits, host_hits, (len(hits) + len(host_hits)) * self.block_size

@@ -47,8 +47,8 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]
     # Requests the workers should forget: finished, aborted or preempted since the last plan.
     finished_req_ids: set[str] = field(default_factory=set)
-    # KV copies between the device pool and the host tier, to run before this step's attention:
-    # (device block, host slot) saves, then (host slot, device block) loads.
+    # KV copies between the device pool and the host tier: (host slot, device block) loads, done
+    # before this step's attention reads them, then (device block, host slot) saves.
     kv_loads: list[tuple[int, int]] = field(default_factory=list)
     kv_saves: list[tuple[int, int]] = field(default_factory=list)
 

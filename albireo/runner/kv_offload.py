@@ -1,17 +1,19 @@
 """The host tier of the KV cache on a worker: pinned host copies of blocks, moved on a copy stream.
 
-A plan's saves (device block -> host slot) go first: a block saved by this plan may be looked up
-and loaded by a request the same plan admits. Its loads (host slot -> device block) follow layer by
-layer on the same stream, each layer's followed by an event; the forward waits on layer i's event
-just before layer i's attention, so layer i+1's blocks cross PCIe while layer i computes. One
-stream keeps every copy in plan order, so a slot is never overwritten before an earlier load has
-read it. The copy stream first waits for the compute queued so far (the blocks' last writes, and
-reads of blocks being reused); a step that writes into a block whose save is still running waits
-for it.
+A plan's loads (host slot -> device block) go layer by layer on a copy stream, each layer's
+followed by an event. They are issued lazily: layer 0's when the step launches, layer i+1's when
+the forward reaches layer i's attention, which then waits on layer i's event. So layer i+1's blocks
+cross PCIe while layer i computes, and issuing them costs the host nothing while the GPU waits.
+The plan's saves (device block -> host slot) follow its last load on the same stream, except those
+of blocks the plan hands out again (as load destinations or for new tokens), which go first. One
+stream keeps every copy in plan order, so a slot is overwritten only after earlier loads have read
+it (the scheduler never loads a slot the same plan stores to). The copy stream first waits for
+the compute queued so far (the blocks' last writes, and reads of blocks being reused); a step that
+writes into a block whose save is still running waits for it.
 
 Blocks are scattered in the device pool but the scheduler hands out host slots in runs, so a
-layer's copies are: one gather (or scatter) kernel on the device through a staging buffer, and one
-host copy per run of consecutive slots.
+layer's copies are: one host copy per run of consecutive slots into a staging buffer and one
+scatter kernel on the device (a gather, then host copies, for saves).
 """
 
 from __future__ import annotations
@@ -57,16 +59,34 @@ def _timer(stream=None) -> torch.cuda.Event:
 
 @dataclass
 class LoadStep:
-    """The loads of one launched step: an event per layer, and the forward's waits on them."""
+    """The loads of one launched step, issued a layer ahead of the forward, then the step's saves."""
 
-    ready: list[torch.cuda.Event]
+    tier: HostKVTier
+    chunks: list  # (runs of host slots, device block ids) per staging-sized chunk of the loads
+    saves: list[tuple[int, int]]
+    ready: list[torch.cuda.Event] = field(default_factory=list)
     waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
-    # When traced: the copy stream's start and each layer's copy interval.
+    # When traced: the step's first copy and each layer's copy interval.
     trace_start: torch.cuda.Event | None = None
     copies: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
+    def issue(self, layer: int) -> None:
+        tier = self.tier
+        with torch.cuda.stream(tier.stream):
+            start = _timer() if self.trace_start is not None else None
+            tier.load_layer(layer, self.chunks)
+            event = torch.cuda.Event(enable_timing=start is not None)
+            event.record()
+            self.ready.append(event)
+            if start is not None:
+                self.copies.append((start, event))
+            if layer == tier.kv_cache.shape[0] - 1 and self.saves:
+                tier.issue_saves(self.saves)
+
     def wait_for_layer(self, layer: int) -> None:
         """Called by layer `layer`'s attention before it reads the cache."""
+        if layer + 1 < self.tier.kv_cache.shape[0]:
+            self.issue(layer + 1)
         before = _timer()
         torch.cuda.current_stream().wait_event(self.ready[layer])
         self.waits.append((before, _timer()))
@@ -91,53 +111,51 @@ class HostKVTier:
 
     # ---- issuing copies --------------------------------------------------------------------------
 
-    def transfer(self, loads: list[tuple[int, int]], saves: list[tuple[int, int]]) -> LoadStep | None:
-        """Issue a plan's saves, then its loads; returns what the forward must wait on, if anything."""
+    def transfer(self, loads: list[tuple[int, int]], saves: list[tuple[int, int]], reused: set[int]) -> LoadStep | None:
+        """Start a plan's copies; returns the loads the forward must wait for, layer by layer.
+
+        `reused`: the device blocks the plan hands out; their saves must read them first.
+        """
         self.stats.blocks_loaded += len(loads)
         self.stats.bytes_loaded += len(loads) * self.block_bytes
         self.stats.blocks_saved += len(saves)
         self.stats.bytes_saved += len(saves) * self.block_bytes
+        chunks = [loads[lo : lo + self.staging_blocks] for lo in range(0, len(loads), self.staging_blocks)]
+        chunks = [(_runs([slot for slot, _ in c]), to_device([b for _, b in c], torch.int64, self.kv_cache.device))
+                  for c in chunks]
+        first = [save for save in saves if save[0] in reused]
+        later = [save for save in saves if save[0] not in reused] if first else saves
         if not self.on_gpu:  # one stream: the copies are done when these calls return
-            self._save(saves)
-            self._load(loads)
+            self.issue_saves(first)
+            for layer in range(self.kv_cache.shape[0]):
+                self.load_layer(layer, chunks)
+            self.issue_saves(later)
             return None
         self.stream.wait_stream(torch.cuda.current_stream())
-        step = None
         with torch.cuda.stream(self.stream):
-            if saves:
-                self._save(saves)
-                done = torch.cuda.Event()
-                done.record()
-                self.pending_saves.append((done, {block for block, _ in saves}))
-            if loads:
-                step = LoadStep([])
-                if self.trace_next:
-                    self.trace_next = False
-                    step.trace_start = _timer()
-                self._load(loads, step)
+            self.issue_saves(first)
+            if not loads:
+                self.issue_saves(later)
+                return None
+        step = LoadStep(self, chunks, later)
+        if self.trace_next:
+            self.trace_next = False
+            step.trace_start = _timer(self.stream)
+        step.issue(0)
         return step
 
-    def _load(self, loads: list[tuple[int, int]], step: LoadStep | None = None) -> None:
-        size = self.staging_blocks
-        chunks = [loads[lo : lo + size] for lo in range(0, len(loads), size)]
-        plans = [(_runs([slot for slot, _ in chunk]), to_device([b for _, b in chunk], torch.int64, self.kv_cache.device))
-                 for chunk in chunks]
-        for layer in range(self.kv_cache.shape[0]):
-            start = _timer() if step is not None and step.trace_start is not None else None
-            for chunk, (runs, blocks) in zip(chunks, plans):
-                stage = self.staging[: self.staging.numel() * len(chunk) // size].view(2, len(chunk), *self.block)
-                for pos, first, n in runs:
-                    for kv in range(2):
-                        stage[kv, pos : pos + n].copy_(self.host[layer, kv, first : first + n], non_blocking=True)
-                self.kv_cache[layer].index_copy_(1, blocks, stage)
-            if step is not None:
-                event = torch.cuda.Event(enable_timing=start is not None)
-                event.record()
-                step.ready.append(event)
-                if start is not None:
-                    step.copies.append((start, event))
+    def load_layer(self, layer: int, chunks: list) -> None:
+        for runs, blocks in chunks:
+            n = len(blocks)
+            stage = self.staging[: self.staging.numel() * n // self.staging_blocks].view(2, n, *self.block)
+            for pos, first, count in runs:
+                for kv in range(2):
+                    stage[kv, pos : pos + count].copy_(self.host[layer, kv, first : first + count], non_blocking=True)
+            self.kv_cache[layer].index_copy_(1, blocks, stage)
 
-    def _save(self, saves: list[tuple[int, int]]) -> None:
+    def issue_saves(self, saves: list[tuple[int, int]]) -> None:
+        if not saves:
+            return
         blocks = to_device([block for block, _ in saves], torch.int64, self.kv_cache.device)
         runs = _runs([slot for _, slot in saves])
         for layer in range(self.kv_cache.shape[0]):
@@ -147,9 +165,12 @@ class HostKVTier:
             for pos, first, n in runs:
                 for kv in range(2):
                     self.host[layer, kv, first : first + n].copy_(gathered[kv, pos : pos + n], non_blocking=True)
+        if self.on_gpu:
+            done = torch.cuda.Event()
+            done.record()
+            self.pending_saves.append((done, {block for block, _ in saves}))
 
     # ---- the compute stream's side ----------------------------------------------------------------
-
     def fence(self, blocks) -> None:
         """Make the compute stream wait for running saves of any of these blocks before it writes them."""
         self.pending_saves = [(done, saved) for done, saved in self.pending_saves if not done.query()]

@@ -323,10 +323,15 @@ class ModelRunner:
 
     def _transfer_kv(self, plan: SchedulerOutput) -> LoadStep | None:
         """Start the plan's host-tier copies; keep its new blocks from being written mid-save."""
-        load_step = self.offload.transfer(plan.kv_loads, plan.kv_saves)
+        if not plan.kv_loads and not plan.kv_saves and not self.offload.pending_saves:
+            return None
+        fresh = {b for new in plan.new_requests for b in new.block_ids}
+        fresh.update(b for c in plan.cached_requests for b in c.new_block_ids)
+        load_step = None
+        if plan.kv_loads or plan.kv_saves:
+            load_step = self.offload.transfer(plan.kv_loads, plan.kv_saves, fresh)
         if self.offload.pending_saves:
-            self.offload.fence({b for new in plan.new_requests for b in new.block_ids}
-                               | {b for c in plan.cached_requests for b in c.new_block_ids})
+            self.offload.fence(fresh)
         return load_step
 
     def account_loads(self) -> None:
