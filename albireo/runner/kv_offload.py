@@ -18,6 +18,7 @@ scatter kernel on the device (a gather, then host copies, for saves).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,11 @@ class LoadStep:
 
     def issue(self, layer: int) -> None:
         tier = self.tier
+        if not tier.on_gpu:  # one stream: the copies are done when these calls return
+            tier.load_layer(layer, self.chunks)
+            if layer == tier.kv_cache.shape[0] - 1:
+                tier.issue_saves(self.saves)
+            return
         with torch.cuda.stream(tier.stream):
             start = _timer() if self.trace_start is not None else None
             tier.load_layer(layer, self.chunks)
@@ -80,16 +86,17 @@ class LoadStep:
             self.ready.append(event)
             if start is not None:
                 self.copies.append((start, event))
-            if layer == tier.kv_cache.shape[0] - 1 and self.saves:
+            if layer == tier.kv_cache.shape[0] - 1:
                 tier.issue_saves(self.saves)
 
     def wait_for_layer(self, layer: int) -> None:
         """Called by layer `layer`'s attention before it reads the cache."""
         if layer + 1 < self.tier.kv_cache.shape[0]:
             self.issue(layer + 1)
-        before = _timer()
-        torch.cuda.current_stream().wait_event(self.ready[layer])
-        self.waits.append((before, _timer()))
+        if self.tier.on_gpu:
+            before = _timer()
+            torch.cuda.current_stream().wait_event(self.ready[layer])
+            self.waits.append((before, _timer()))
 
 
 class HostKVTier:
@@ -125,20 +132,15 @@ class HostKVTier:
                   for c in chunks]
         first = [save for save in saves if save[0] in reused]
         later = [save for save in saves if save[0] not in reused] if first else saves
-        if not self.on_gpu:  # one stream: the copies are done when these calls return
-            self.issue_saves(first)
-            for layer in range(self.kv_cache.shape[0]):
-                self.load_layer(layer, chunks)
-            self.issue_saves(later)
-            return None
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        if self.on_gpu:
+            self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream) if self.on_gpu else nullcontext():
             self.issue_saves(first)
             if not loads:
                 self.issue_saves(later)
                 return None
         step = LoadStep(self, chunks, later)
-        if self.trace_next:
+        if self.on_gpu and self.trace_next:
             self.trace_next = False
             step.trace_start = _timer(self.stream)
         step.issue(0)

@@ -294,11 +294,12 @@ class ModelRunner:
         else:
             meta = self._stage(rows, starts, counts, carried)
             n = int(counts.sum())
+            timed = load_step is not None and self.device.type == "cuda"
             if load_step is not None:
                 meta.before_attention = load_step.wait_for_layer
-                forward_start = self._mark()
+            forward_start = self._mark() if timed else None
             hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
-            if load_step is not None:
+            if timed:
                 self.load_steps.append((load_step, forward_start, self._mark()))
             if not samples:
                 self.prev_tokens, self.prev_index = None, {}
