@@ -165,10 +165,10 @@ def test_allocate_slots_adds_a_block_only_when_a_decode_crosses_a_boundary():
     req = make_request("a", prompt(7))
     kv.allocate_slots(req, 7)
     req.num_computed_tokens = 7
-    req.output_token_ids.append(1)
+    req.append_output_token(1)
     assert kv.allocate_slots(req, 1) == []  # token 8 still fits in block 1
     req.num_computed_tokens = 8
-    req.output_token_ids.append(2)
+    req.append_output_token(2)
     assert kv.allocate_slots(req, 1) == [2]  # token 9 opens block 2
     assert kv.block_ids("a") == [0, 1, 2]
 
@@ -312,10 +312,10 @@ def test_output_tokens_fill_blocks_that_become_prefix_hits():
     kv = KVCacheManager(8, BS)
     a = make_request("a", prompt(6))
     admit(kv, a)
-    a.output_token_ids.append(1)
+    a.append_output_token(1)
     kv.allocate_slots(a, 1)  # computes token 7 of 8 in block 1: not full yet
     a.num_computed_tokens = 7
-    a.output_token_ids.append(2)
+    a.append_output_token(2)
     b_before = make_request("b0", prompt(6) + [1, 2, 3])
     assert kv.get_computed_blocks(b_before) == ([0], [], BS)
     kv.allocate_slots(a, 1)  # computes token 8: block 1 is full and published

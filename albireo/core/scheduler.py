@@ -163,7 +163,9 @@ class Scheduler:
             if request.num_pending and self._reaches_limit(request):
                 i += 1  # its last token is in flight: nothing more to compute
                 continue
-            n = min(request.num_tokens + request.num_pending - request.num_computed_tokens, budget)
+            n = request.num_tokens + request.num_pending - request.num_computed_tokens
+            if n > budget:
+                n = budget
             new_blocks = self.kv.allocate_slots(request, n)
             while new_blocks is None:
                 victim = self.running[-1]
@@ -232,7 +234,7 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished, aborted or preempted while the step ran
             request.num_pending -= 1
-            request.output_token_ids.append(token_id)
+            request.append_output_token(token_id)
             logprobs = sampled.logprobs[idx] if sampled.logprobs else None
             status = self._check_stop(request, token_id)
             output = EngineCoreOutput(req_id, [token_id], [logprobs] if logprobs else None)

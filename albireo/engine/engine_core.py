@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections import deque
 from contextlib import nullcontext
 
@@ -30,6 +31,12 @@ class EngineCore:
         # scheduling, none in the sequential loop.
         self.in_flight: deque = deque()
         self.timeline = StepTimeline() if config.profile_steps else None
+        # A step over ~1000 running requests allocates thousands of short-lived objects: at
+        # CPython's default threshold (700) the collector ran several times a step and its full
+        # passes rescanned everything built at start-up. Freeze that, and collect less often.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

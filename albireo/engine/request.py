@@ -49,9 +49,13 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    def __post_init__(self) -> None:
+        # Read several times per request per step by the scheduler: kept, not recounted.
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.num_tokens += 1
 
     def token_id(self, index: int) -> int:
         n = len(self.prompt_token_ids)
