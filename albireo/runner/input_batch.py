@@ -27,9 +27,9 @@ class RunnerRequest:
     # Tokens sampled by launched steps that have not reached the host yet.
     num_pending: int = 0
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    def __post_init__(self) -> None:
+        # Read for every request every step: kept, not recounted.
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
 
 
 class InputBatch:
@@ -65,6 +65,7 @@ class InputBatch:
     def append_token(self, request: RunnerRequest, token_id: int) -> None:
         self.token_ids[request.row, request.num_tokens] = token_id
         request.output_token_ids.append(token_id)
+        request.num_tokens += 1
 
     def gather(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
         """Flat (token ids, positions, cache slots) for `counts[i]` tokens of `rows[i]` from `starts[i]`."""

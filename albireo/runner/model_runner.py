@@ -176,9 +176,11 @@ class ModelRunner:
             self.batch.remove(req_id)
         for new in plan.new_requests:
             self.batch.add(new)
+        requests = self.batch.requests
         for cached in plan.cached_requests:
-            self.batch.add_blocks(cached.req_id, cached.new_block_ids)
-            self.batch.requests[cached.req_id].num_computed_tokens = cached.num_computed_tokens
+            if cached.new_block_ids:
+                self.batch.add_blocks(cached.req_id, cached.new_block_ids)
+            requests[cached.req_id].num_computed_tokens = cached.num_computed_tokens
 
     def _stage(
         self,
