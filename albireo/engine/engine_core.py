@@ -32,11 +32,11 @@ class EngineCore:
         self.in_flight: deque = deque()
         self.timeline = StepTimeline() if config.profile_steps else None
         # A step over ~1000 running requests allocates thousands of short-lived objects: at
-        # CPython's default threshold (700) the collector ran several times a step and its full
-        # passes rescanned everything built at start-up. Freeze that, and collect less often.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(10_000, 10, 10)
+        # CPython's default threshold (700) the cycle collector ran several times a step. (No
+        # gc.freeze(): an engine frozen with its own objects could never be collected, nor its
+        # GPU memory freed, if a reference cycle held it after its LLM was dropped.)
+        gen0, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(max(gen0, 10_000), gen1, gen2)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
