@@ -173,6 +173,7 @@ class HostKVTier:
             self.pending_saves.append((done, {block for block, _ in saves}))
 
     # ---- the compute stream's side ----------------------------------------------------------------
+
     def fence(self, blocks) -> None:
         """Make the compute stream wait for running saves of any of these blocks before it writes them."""
         self.pending_saves = [(done, saved) for done, saved in self.pending_saves if not done.query()]
