@@ -3,11 +3,16 @@
 Runs a throughput-style workload with dummy weights, skips the first steps, profiles the next
 ones with torch.profiler and prints the kernel table plus wall time vs GPU-busy time per step;
 with --host, profiles the Python side with cProfile instead (torch.profiler inflates host time).
+With --tensor-parallel-size t > 1 the kernels run in the worker processes: rank 0 profiles itself
+(albireo/profiling/worker_profile.py) and its table is printed (W3 at TP=2:
+--num-prompts 1 --input-len 128 --output-len 64 --tensor-parallel-size 2).
 """
 
 import argparse
 import cProfile
+import os
 import pstats
+import tempfile
 import time
 
 import torch
@@ -15,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from albireo import LLM, SamplingParams
 from albireo.bench.throughput import random_prompts
+from albireo.profiling.worker_profile import ENV
 
 
 def main() -> None:
@@ -29,10 +35,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--host", action="store_true", help="cProfile the host side instead")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     args = p.parse_args()
 
+    worker_table = None
+    if args.tensor_parallel_size > 1:
+        worker_table = os.path.join(tempfile.mkdtemp(), "rank0.txt")
+        # +4: the warm-up request's steps come first.
+        os.environ[ENV] = f"{args.skip_steps + 4}:{args.steps}:{worker_table}"
     llm = LLM(args.model, load_format="dummy", max_model_len=2048, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, skip_tokenizer_init=True)
+              max_num_batched_tokens=args.max_num_batched_tokens, skip_tokenizer_init=True,
+              tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     llm.generate(random_prompts(4, 16, engine.config.arch.vocab_size), SamplingParams(max_tokens=4), use_tqdm=False)
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
@@ -41,6 +54,19 @@ def main() -> None:
     for _ in range(args.skip_steps):
         engine.step()
     torch.cuda.synchronize()
+    if worker_table is not None:
+        for _ in range(args.steps + 2):
+            engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
+        llm.engine.shutdown()
+        with open(worker_table) as f:
+            text = f.read()
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return
     if args.host:
         host = cProfile.Profile()
         host.enable()

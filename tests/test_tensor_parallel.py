@@ -67,3 +67,15 @@ def test_a_killed_worker_fails_the_engine_with_its_rank_and_leaves_no_process(ti
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(p.is_alive() for p in procs)
+
+
+def test_rank0_profiles_the_steps_asked_for_through_the_environment(tiny_model, tmp_path, monkeypatch):
+    table = tmp_path / "rank0.txt"
+    monkeypatch.setenv("ALBIREO_PROFILE_WORKER", f"2:3:{table}")
+    llm = LLM(tiny_model("llama"), tensor_parallel_size=2)
+    try:
+        llm.generate(random_prompts(2, seed=1), GREEDY, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    text = table.read_text()
+    assert text.startswith("rank 0, 3 steps") and "aten::" in text

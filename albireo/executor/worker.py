@@ -22,6 +22,7 @@ from albireo.distributed.parallel_state import (
     shutdown_distributed,
 )
 from albireo.executor.shm_ring import ShmRing, ShmRingHandle, decode_plan
+from albireo.profiling.worker_profile import WorkerProfiler
 from albireo.runner.model_runner import ModelRunner, StepHandle
 
 
@@ -100,11 +101,14 @@ def run_worker(
         commands = ShmRing.attach(ring, local_rank)
         worker = Worker(config, local_rank)
         conn.send(("ok", None))
+        profiler = WorkerProfiler.from_env(rank)
         launched: deque[StepHandle | None] = deque()
         while True:
             message = commands.get()
             command, payload = message[:1], memoryview(message)[1:]
             if command == EXECUTE:
+                if profiler is not None:
+                    profiler.before_step()
                 launched.append(worker.execute_model(decode_plan(payload)))
             elif command == COLLECT:
                 result = worker.collect(launched.popleft())

@@ -1,0 +1,51 @@
+"""torch.profiler inside a TP worker process, where a TP step's kernels and all-reduces run.
+
+Set ALBIREO_PROFILE_WORKER="SKIP:STEPS:PATH" before the engine starts: rank 0 skips SKIP launched
+steps, profiles the next STEPS, and writes the kernel table to PATH (bench/profile_steps.py
+--tensor-parallel-size does this).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ENV = "ALBIREO_PROFILE_WORKER"
+
+
+class WorkerProfiler:
+    def __init__(self, skip: int, steps: int, path: str) -> None:
+        self.skip, self.steps, self.path = skip, steps, path
+        self.seen = 0
+        self.prof: profile | None = None
+
+    @classmethod
+    def from_env(cls, rank: int) -> WorkerProfiler | None:
+        spec = os.environ.get(ENV)
+        if not spec or rank != 0:
+            return None
+        skip, steps, path = spec.split(":", 2)
+        return cls(int(skip), int(steps), path)
+
+    def before_step(self) -> None:
+        """Called before each step is launched."""
+        on_gpu = torch.cuda.is_available()
+        if self.seen == self.skip:
+            if on_gpu:
+                torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu)
+            self.prof.__enter__()
+        elif self.seen == self.skip + self.steps and self.prof is not None:
+            if on_gpu:
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+            device_ms = sum(e.self_device_time_total for e in events) / 1e3 / self.steps
+            with open(self.path, "w") as f:
+                f.write(f"rank 0, {self.steps} steps: device busy {device_ms:.2f} ms/step\n")
+                f.write(events.table(sort_by=sort, row_limit=30, max_name_column_width=70))
+            self.prof = None
+        self.seen += 1
