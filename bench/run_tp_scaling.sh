@@ -6,6 +6,7 @@
 #   w2-32b:      W2 on qwen2.5-32b at TP=2,4, async on and off
 #   symm:        all-reduce over peer memory: its tests, its latency vs NCCL, W3 at TP=1,2,4 and W2
 #                at TP=1,2,4 with it, and W3/W2 at TP=2 with NCCL alone (A/B on one machine)
+#   profile:     kernel tables of a W3 decode step at TP=1 and TP=2 (where TP=2's extra time goes)
 #   extra:       qwen2.5-32b at TP=1 (200 prompts: its KV pool holds ~26 sequences), the W5 amdahl
 #                breakdown, sequence-parallel sampling on GPUs
 set -uo pipefail
@@ -44,6 +45,11 @@ case $stage in
   w2-32b)
     for t in 2 4; do w2 qwen2.5-32b "$t"; done
     for t in 2 4; do w2 qwen2.5-32b "$t" --no-async-scheduling; done ;;
+  profile)
+    for t in 1 2; do
+      run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts 1 --input-len 128 \
+        --output-len 64 --max-num-seqs 8 --tensor-parallel-size "$t" --out "$out/prof_w3_tp$t.txt"
+    done ;;
   extra)
     NUM_PROMPTS=200 w2 qwen2.5-32b 1
     run 200 python3 -m albireo.entrypoints.cli bench amdahl --model benchmarks/models/llama-3.2-1b --load-format dummy \
