@@ -24,10 +24,12 @@ from albireo.sampling_params import SamplingParams
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default="multiturn")
-    parser.add_argument("--num-conversations", type=int, default=32)
-    parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--system-len", type=int, default=2048)
-    parser.add_argument("--user-len", type=int, default=256)
+    # Defaults where the history dominates a turn's prompt, so recompute has something to cost:
+    # by turn 6 a request brings 1024 new tokens on top of ~5,300 of history.
+    parser.add_argument("--num-conversations", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--system-len", type=int, default=1024)
+    parser.add_argument("--user-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--out-dir", default="benchmarks/results")
 
