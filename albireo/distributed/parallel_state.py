@@ -59,6 +59,11 @@ def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:
     except Exception as e:  # no peer access between these GPUs, or a torch without the kernels
         logger.warning("all-reduce over peer memory unavailable (%s); using NCCL", e)
         _symm_all_reduce = None
+    # Every rank must take the same path for each all-reduce, or they wait on each other forever.
+    everywhere = torch.tensor([_symm_all_reduce is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=_group)
+    if not everywhere.item():
+        _symm_all_reduce = None
     return _symm_all_reduce is not None
 
 

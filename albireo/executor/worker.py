@@ -37,7 +37,8 @@ class Worker:
         self.device = torch.device("cuda", local_rank) if config.device == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if config.parallel.all_reduce == "symm_mem":
+        # Peer memory spans the GPUs of one host only.
+        if config.parallel.all_reduce == "symm_mem" and config.parallel.nnodes == 1:
             enable_symm_all_reduce(self.device, config.model.torch_dtype(self.device))
         kernels.use_fused = config.fused_kernels
         # On the all-gather sampling path every rank samples every row: identical random streams
