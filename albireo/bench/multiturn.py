@@ -46,8 +46,9 @@ def _one_mode(args: argparse.Namespace, make_llm) -> tuple[dict, dict]:
     users = random_prompts(args.num_conversations * args.turns, args.user_len, vocab, seed=2)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate([system[:64]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-    offload = getattr(engine.core.executor, "worker", None)
-    offload = offload.runner.offload if offload is not None else None
+    worker = getattr(engine.core.executor, "worker", None)  # in this process at TP=1 only
+    runner = worker.runner if worker is not None else None
+    offload = runner.offload if runner is not None else None
     chats = [list(system) for _ in range(args.num_conversations)]
     ttft: dict[int, list[float]] = {t: [] for t in range(args.turns)}
     num_out = 0
@@ -91,7 +92,7 @@ def _one_mode(args: argparse.Namespace, make_llm) -> tuple[dict, dict]:
     if offload is not None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        engine.core.executor.worker.runner.account_loads()
+        runner.account_loads()
         s = offload.stats
         result.update({
             "blocks_loaded": s.blocks_loaded, "blocks_saved": s.blocks_saved,
@@ -101,7 +102,7 @@ def _one_mode(args: argparse.Namespace, make_llm) -> tuple[dict, dict]:
         })
         trace = s.trace
     engine.shutdown()
-    del llm, engine, offload
+    del llm, engine, worker, runner, offload
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
