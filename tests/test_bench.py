@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from albireo.bench.amdahl import predict
 from albireo.entrypoints.cli import main
 from albireo.profiling.step_timeline import StepSummary
@@ -70,3 +72,19 @@ def test_bench_multiturn_compares_the_host_tier_with_recompute(tiny_model, tmp_p
     assert recompute["host_hit_tokens"] == 0 and tier["host_hit_tokens"] > 0
     assert tier["blocks_loaded"] * 16 == tier["host_hit_tokens"] and tier["blocks_saved"] > 0
     assert record["ttft_p50_ratio"] > 0 and len(tier["ttft_ms_p50_by_turn"]) == 2
+
+
+def test_fit_separates_what_shrinks_with_tp_from_what_does_not():
+    from albireo.bench.amdahl import fit_measured
+
+    fit = fit_measured({1: 4.0 + 4.0, 2: 2.0 + 4.0, 4: 1.0 + 4.0})  # 4 ms shrink, 4 ms do not
+    assert abs(fit["shrinking"] - 4.0) < 1e-9 and abs(fit["not_shrinking"] - 4.0) < 1e-9
+    assert abs(fit["predicted_speedup"][8] - 8.0 / 4.5) < 1e-9
+    assert fit["predicted_best_tp"] == 8  # 16 would gain 4.5 / 4.25 - 1 = 6% over 8: under 10%
+
+
+def test_fit_needs_two_degrees():
+    from albireo.bench.amdahl import fit_measured
+
+    with pytest.raises(ValueError, match="two or more TP degrees"):
+        fit_measured({1: 3.0})

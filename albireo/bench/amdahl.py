@@ -33,13 +33,34 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="benchmarks/results")
 
 
-def predict(summary: StepSummary, allreduces_per_step: int, allreduce_us: float) -> dict:
-    t_gpu, t_serial = summary.gpu_busy_ms, summary.serial_ms
-    comm = allreduces_per_step * allreduce_us / 1000
-    step = {t: t_gpu / t + (comm if t > 1 else 0.0) + t_serial for t in TP_DEGREES}
+def _prediction(step: dict[int, float]) -> dict:
     speedup = {t: step[1] / step[t] for t in TP_DEGREES}
     best = next((t for t in TP_DEGREES[:-1] if speedup[2 * t] / speedup[t] < 1.1), TP_DEGREES[-1])
     return {"predicted_step_ms": step, "predicted_speedup": speedup, "predicted_best_tp": best}
+
+
+def predict(summary: StepSummary, allreduces_per_step: int, allreduce_us: float) -> dict:
+    """From one GPU's step: its GPU work shrinks with t, the host's does not, all-reduces are added."""
+    t_gpu, t_serial = summary.gpu_busy_ms, summary.serial_ms
+    comm = allreduces_per_step * allreduce_us / 1000
+    return _prediction({t: t_gpu / t + (comm if t > 1 else 0.0) + t_serial for t in TP_DEGREES})
+
+
+def fit_measured(cost: dict[int, float]) -> dict:
+    """From measured costs per unit of work (ms per step, s per request, 1 / throughput) at two or more
+    TP degrees: the least-squares fit cost(t) = a / t + b, whose b holds everything that does not
+    shrink with t (host work, all-reduces, kernels that every rank runs whole), and what it predicts.
+
+    One GPU's breakdown cannot tell GPU work that shrinks from GPU work that does not; measurements
+    at several degrees can.
+    """
+    if len(cost) < 2:
+        raise ValueError(f"fitting needs costs at two or more TP degrees, got {sorted(cost)}")
+    xs, ys = [1 / t for t in cost], list(cost.values())
+    n, mean_x, mean_y = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    a = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    b = mean_y - a * mean_x
+    return {"shrinking": a, "not_shrinking": b, **_prediction({t: a / t + b for t in TP_DEGREES})}
 
 
 def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, int]:

@@ -73,9 +73,13 @@ def scaling_runs(records: list[dict], device: str, workload: str, model: str, as
     return runs
 
 
-def plot_tp_scaling(records: list[dict], device: str, out: Path) -> Path:
+def plot_tp_scaling(records: list[dict], device: str, out: Path) -> tuple[Path, dict]:
+    """The plot, and per series the fit of cost(t) = a / t + b with its TP=8 prediction."""
     import matplotlib.pyplot as plt
 
+    from albireo.bench.amdahl import fit_measured
+
+    fits: dict[str, dict] = {}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for ax, model in zip(axes[:2], ("llama-3.1-8b", "qwen2.5-32b")):
         base = None
@@ -90,6 +94,11 @@ def plot_tp_scaling(records: list[dict], device: str, out: Path) -> Path:
                 ax.annotate(f"{v / 1000:.1f}k", (t, v), textcoords="offset points", xytext=(4, -10), fontsize=8)
             if mode:
                 base = (tps[0], values[0], tps[-1])
+                if len(tps) >= 2:
+                    fit = fit_measured({t: 1 / v for t, v in zip(tps, values)})
+                    fits[f"W2 {model} async"] = fit
+                    ax.plot([8], [1 / fit["predicted_step_ms"][8]], "x", color=color, ms=9,
+                            label="TP=8 predicted by a / t + b fit")
         if base is not None:
             t0, v0, t_max = base
             ideal = [t for t in (1, 2, 4, 8) if t0 <= t <= t_max]
@@ -107,6 +116,10 @@ def plot_tp_scaling(records: list[dict], device: str, out: Path) -> Path:
         values = [runs[t]["seconds_per_request"] for t in tps]
         lat_ax.plot(tps, values, "o-", color="#08519c", label="Albireo, async")
         lat_ax.plot(tps, [values[0] / t for t in tps], "--", color="gray", label="ideal (TP=1 / t)")
+        if len(tps) >= 2:
+            fits["W3 llama-3.1-8b"] = fit = fit_measured(dict(zip(tps, values)))
+            lat_ax.plot([8], [fit["predicted_step_ms"][8]], "x", color="#08519c", ms=9, label="TP=8 predicted by fit")
+            tps = sorted({*tps, 8})
         for t, v in zip(tps, values):
             lat_ax.annotate(f"{v:.3f} s", (t, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
         lat_ax.set_xscale("log", base=2)
@@ -120,7 +133,7 @@ def plot_tp_scaling(records: list[dict], device: str, out: Path) -> Path:
     path = out / "tp_scaling.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
+    return path, fits
 
 
 def main() -> None:
@@ -136,7 +149,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(plot_vs_vllm(records, out))
-    print(plot_tp_scaling(records, args.tp_device, out))
+    path, fits = plot_tp_scaling(records, args.tp_device, out)
+    print(path)
+    for name, fit in fits.items():
+        print(f"{name}: cost(t) = {fit['shrinking']:.4g} / t + {fit['not_shrinking']:.4g}; predicted speedup "
+              + ", ".join(f"TP={t} {v:.2f}x" for t, v in fit["predicted_speedup"].items())
+              + f"; best TP {fit['predicted_best_tp']}")
 
 
 if __name__ == "__main__":
