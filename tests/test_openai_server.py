@@ -252,7 +252,8 @@ def test_errors(server):
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("albireo_time_to_first_token_seconds", "albireo_inter_token_latency_seconds",
                  "albireo_time_per_output_token_seconds", "albireo_prompt_tokens_total",
-                 "albireo_generation_tokens_total", "albireo_num_requests_waiting"):
+                 "albireo_generation_tokens_total", "albireo_num_requests_waiting",
+                 'albireo_prefix_cache_hit_tokens_total{model_name="tiny",tier="host"}'):
         assert name in metrics
 
 
@@ -546,3 +547,14 @@ def test_sigterm_lets_in_flight_requests_finish(server):
     assert result["r"].json()["usage"]["completion_tokens"] == 30
     assert server.proc.wait(30) in (0, -signal.SIGTERM)
     assert not _wait_gone(children)
+
+
+def test_prefix_cache_hit_counters_follow_the_core_totals():
+    from albireo.engine.client import CoreStats
+    from albireo.entrypoints.openai.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    metrics.render(CoreStats(prefix_hit_tokens=32))
+    text = metrics.render(CoreStats(prefix_hit_tokens=48, host_hit_tokens=16)).decode()
+    assert 'albireo_prefix_cache_hit_tokens_total{model_name="m",tier="device"} 48.0' in text
+    assert 'albireo_prefix_cache_hit_tokens_total{model_name="m",tier="host"} 16.0' in text

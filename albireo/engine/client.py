@@ -47,6 +47,9 @@ class CoreStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0  # fraction of KV blocks in use
+    # Prompt tokens found cached since start: in the device pool, and loaded from the host tier.
+    prefix_hit_tokens: int = 0
+    host_hit_tokens: int = 0
 
 
 # ---- messages -----------------------------------------------------------------------------------
@@ -93,7 +96,7 @@ _REBUILDABLE = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError
 
 def _stats(core: EngineCore) -> CoreStats:
     s = core.scheduler
-    return CoreStats(s.num_running, s.num_waiting, s.kv.usage)
+    return CoreStats(s.num_running, s.num_waiting, s.kv.usage, s.kv.num_prefix_hits, s.kv.num_host_hits)
 
 
 # ---- the interface ------------------------------------------------------------------------------

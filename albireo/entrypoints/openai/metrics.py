@@ -6,6 +6,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from albireo.engine.client import CoreStats
 from albireo.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -24,6 +25,11 @@ class ServerMetrics:
         self.running = Gauge("albireo_num_requests_running", "Requests in the running batch", labels, registry=r)
         self.waiting = Gauge("albireo_num_requests_waiting", "Requests waiting to be scheduled", labels, registry=r)
         self.kv_usage = Gauge("albireo_kv_cache_usage_perc", "Fraction of KV cache blocks in use", labels, registry=r)
+        self.cache_hits = Counter(
+            "albireo_prefix_cache_hit_tokens", "Prompt tokens not recomputed, by the KV tier they came from",
+            labels + ["tier"], registry=r,
+        )
+        self.counted_hits = {"device": 0, "host": 0}
         self.ttft = Histogram(
             "albireo_time_to_first_token_seconds", "Time to first token", labels, buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -41,11 +47,14 @@ class ServerMetrics:
         )
         self.model_name = model_name
 
-    def render(self, num_running: int, num_waiting: int, kv_usage: float) -> bytes:
+    def render(self, stats: CoreStats) -> bytes:
         m = self.model_name
-        self.running.labels(m).set(num_running)
-        self.waiting.labels(m).set(num_waiting)
-        self.kv_usage.labels(m).set(kv_usage)
+        self.running.labels(m).set(stats.num_running)
+        self.waiting.labels(m).set(stats.num_waiting)
+        self.kv_usage.labels(m).set(stats.kv_usage)
+        for tier, total in (("device", stats.prefix_hit_tokens), ("host", stats.host_hit_tokens)):
+            self.cache_hits.labels(m, tier).inc(total - self.counted_hits[tier])
+            self.counted_hits[tier] = total
         return generate_latest(self.registry)
 
 

@@ -427,8 +427,7 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        stats = engine.stats()
-        body = server.metrics.render(stats.num_running, stats.num_waiting, stats.kv_usage)
+        body = server.metrics.render(engine.stats())
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
