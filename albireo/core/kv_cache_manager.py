@@ -11,7 +11,7 @@ or preempted), unless their hash is there already, so a block the device pool la
 lost; a request admitted later continues its prefix-cache lookup in the host tier past the device
 hits and gets those blocks loaded into fresh device blocks instead of recomputing them. The copies
 are queued here as (device block, host slot) saves and (host slot, device block) loads and ride on
-the next plan; the workers run a plan's loads before its saves, so a lookup never takes a slot
+the next plan. The workers run most of a plan's saves after its loads, so a lookup skips the slots
 the plan being built stores to.
 """
 
@@ -125,6 +125,7 @@ class KVCacheManager:
         # Copies for the workers, drained into the next plan.
         self.kv_loads: list[tuple[int, int]] = []  # (host slot, device block)
         self.kv_saves: list[tuple[int, int]] = []  # (device block, host slot)
+        self.saving_slots: set[int] = set()  # the host slots in kv_saves
 
     @property
     def num_blocks(self) -> int:
@@ -164,10 +165,9 @@ class KVCacheManager:
         host_hits: list[int] = []
         if self.host is not None:
             # A slot this plan stores to holds its block only once the plan's loads are done.
-            storing = {slot for _, slot in self.kv_saves}
             for block_hash in request.block_hashes[len(hits) : max_blocks]:
                 slot = self.host.lookup(block_hash)
-                if slot is None or slot in storing:
+                if slot is None or slot in self.saving_slots:
                     break
                 host_hits.append(slot)
         return hits, host_hits, (len(hits) + len(host_hits)) * self.block_size
@@ -241,11 +241,13 @@ class KVCacheManager:
         todo = [(b, h) for b, h in zip(blocks, block_hashes) if self.host.lookup(h) is None]
         slots = self.host.store([h for _, h in todo])
         self.kv_saves.extend((b, slot) for (b, _), slot in zip(todo, slots))
+        self.saving_slots.update(slots)
 
     def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """The loads and saves queued since the last call, for the next plan."""
         loads, saves = self.kv_loads, self.kv_saves
         self.kv_loads, self.kv_saves = [], []
+        self.saving_slots = set()
         return loads, saves
 
     def block_ids(self, request_id: str) -> list[int]:

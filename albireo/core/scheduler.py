@@ -48,7 +48,8 @@ class SchedulerOutput:
     # Requests the workers should forget: finished, aborted or preempted since the last plan.
     finished_req_ids: set[str] = field(default_factory=set)
     # KV copies between the device pool and the host tier: (host slot, device block) loads, done
-    # before this step's attention reads them, then (device block, host slot) saves.
+    # before this step's attention reads them, and (device block, host slot) saves (those of blocks
+    # this plan hands out again before the loads, the rest after).
     kv_loads: list[tuple[int, int]] = field(default_factory=list)
     kv_saves: list[tuple[int, int]] = field(default_factory=list)
 
@@ -163,9 +164,7 @@ class Scheduler:
             if request.num_pending and self._reaches_limit(request):
                 i += 1  # its last token is in flight: nothing more to compute
                 continue
-            n = request.num_tokens + request.num_pending - request.num_computed_tokens
-            if n > budget:
-                n = budget
+            n = min(request.num_tokens + request.num_pending - request.num_computed_tokens, budget)
             new_blocks = self.kv.allocate_slots(request, n)
             while new_blocks is None:
                 victim = self.running[-1]

@@ -73,19 +73,15 @@ class LoadStep:
 
     def issue(self, layer: int) -> None:
         tier = self.tier
-        if not tier.on_gpu:  # one stream: the copies are done when these calls return
-            tier.load_layer(layer, self.chunks)
-            if layer == tier.kv_cache.shape[0] - 1:
-                tier.issue_saves(self.saves)
-            return
-        with torch.cuda.stream(tier.stream):
+        with tier.copy_stream():
             start = _timer() if self.trace_start is not None else None
             tier.load_layer(layer, self.chunks)
-            event = torch.cuda.Event(enable_timing=start is not None)
-            event.record()
-            self.ready.append(event)
-            if start is not None:
-                self.copies.append((start, event))
+            if tier.on_gpu:
+                event = torch.cuda.Event(enable_timing=start is not None)
+                event.record()
+                self.ready.append(event)
+                if start is not None:
+                    self.copies.append((start, event))
             if layer == tier.kv_cache.shape[0] - 1:
                 tier.issue_saves(self.saves)
 
@@ -134,7 +130,7 @@ class HostKVTier:
         later = [save for save in saves if save[0] not in reused] if first else saves
         if self.on_gpu:
             self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream) if self.on_gpu else nullcontext():
+        with self.copy_stream():
             self.issue_saves(first)
             if not loads:
                 self.issue_saves(later)
@@ -145,6 +141,10 @@ class HostKVTier:
             step.trace_start = _timer(self.stream)
         step.issue(0)
         return step
+
+    def copy_stream(self):
+        """Where copies are issued: the copy stream on a GPU; on a CPU, in line."""
+        return torch.cuda.stream(self.stream) if self.on_gpu else nullcontext()
 
     def load_layer(self, layer: int, chunks: list) -> None:
         for runs, blocks in chunks:

@@ -286,7 +286,7 @@ class ModelRunner:
             state.num_pending += 1
 
         marks = [self._mark()] if self.config.profile_steps else None
-        decode_only = samples and int(counts.max()) == 1 and load_step is None
+        decode_only = bool(samples) and int(counts.max()) == 1 and load_step is None
         graph_size = self._graph_size(len(states)) if decode_only else None
         if graph_size is not None:
             self._stage(rows, starts, counts, carried, pad_to=graph_size)
