@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from albireo.bench.serve import latency_summary
 from albireo.bench.throughput import random_prompts
 from albireo.sampling_params import SamplingParams
 
@@ -32,10 +32,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--out-dir", default="benchmarks/results")
-
-
-def _percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def _one_mode(args: argparse.Namespace, make_llm) -> tuple[dict, dict]:
@@ -69,18 +65,18 @@ def _one_mode(args: argparse.Namespace, make_llm) -> tuple[dict, dict]:
                         if first is None and out.outputs[0].token_ids:
                             first = time.perf_counter()
                         tokens = out.outputs[0].token_ids
-                ttft[turn].append((first - sent) * 1e3)
+                ttft[turn].append(first - sent)
                 chat += tokens
                 num_out += len(tokens)
                 bar.update()
     elapsed = time.perf_counter() - start
     kv = engine.core.scheduler.kv
-    later = [v for t in range(1, args.turns) for v in ttft[t]]
+    overall = latency_summary([v for vs in ttft.values() for v in vs])
     result = {
-        "ttft_ms_p50": statistics.median([v for vs in ttft.values() for v in vs]),
-        "ttft_ms_p90": _percentile([v for vs in ttft.values() for v in vs], 90),
-        "ttft_ms_p50_after_first_turn": statistics.median(later) if later else None,
-        "ttft_ms_p50_by_turn": [statistics.median(ttft[t]) for t in range(args.turns)],
+        "ttft_ms_p50": overall["p50"],
+        "ttft_ms_p90": overall["p90"],
+        "ttft_ms_p50_after_first_turn": latency_summary([v for t in range(1, args.turns) for v in ttft[t]])["p50"],
+        "ttft_ms_p50_by_turn": [latency_summary(ttft[t])["p50"] for t in range(args.turns)],
         "output_tokens_per_s": num_out / elapsed,
         "elapsed_s": elapsed,
         "device_hit_tokens": kv.num_prefix_hits,

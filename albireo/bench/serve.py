@@ -104,6 +104,18 @@ def sharegpt_prompts(path: str, num: int, rng: random.Random) -> list[str]:
     return [rng.choice(turns) for _ in range(num)]
 
 
+def latency_summary(seconds: list[float]) -> dict:
+    """mean, p50, p90, p99 in milliseconds (nearest-rank percentiles); None for no values."""
+    if not seconds:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    s = sorted(seconds)
+
+    def pct(p: float) -> float:
+        return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))] * 1000
+
+    return {"mean": statistics.fmean(s) * 1000, "p50": pct(50), "p90": pct(90), "p99": pct(99)}
+
+
 async def _run(args: argparse.Namespace) -> tuple[list[RequestResult], float, str]:
     import httpx
 
@@ -138,18 +150,6 @@ async def _run(args: argparse.Namespace) -> tuple[list[RequestResult], float, st
         return results, time.perf_counter() - start, model
 
 
-def _summary(values: list[float]) -> dict:
-    """mean, p50, p90, p99 in milliseconds."""
-    if not values:
-        return {"mean": None, "p50": None, "p90": None, "p99": None}
-    s = sorted(values)
-
-    def pct(p: float) -> float:
-        return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))] * 1000
-
-    return {"mean": statistics.fmean(s) * 1000, "p50": pct(50), "p90": pct(90), "p99": pct(99)}
-
-
 def run(args: argparse.Namespace) -> tuple[dict, list[RequestResult]]:
     results, duration, model = asyncio.run(_run(args))
     ok = [r for r in results if r.ok]
@@ -173,10 +173,10 @@ def run(args: argparse.Namespace) -> tuple[dict, list[RequestResult]]:
         "total_tokens_per_s": (out_tokens + len(ok) * args.input_len) / duration,
         "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
         "goodput_requests_per_s": len(good) / duration,
-        "ttft_ms": _summary([r.ttft for r in ok]),
-        "tpot_ms": _summary([r.tpot for r in ok if r.tpot is not None]),
-        "itl_ms": _summary([g for r in ok for g in r.itls]),
-        "e2e_ms": _summary([r.e2e for r in ok]),
+        "ttft_ms": latency_summary([r.ttft for r in ok]),
+        "tpot_ms": latency_summary([r.tpot for r in ok if r.tpot is not None]),
+        "itl_ms": latency_summary([g for r in ok for g in r.itls]),
+        "e2e_ms": latency_summary([r.e2e for r in ok]),
     }
     return record, results
 
