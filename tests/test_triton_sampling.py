@@ -45,6 +45,26 @@ def test_same_seed_same_token_wherever_the_row_sits():
 
 
 @interpreted
+def test_splitting_a_small_batch_over_the_vocabulary_draws_the_same_tokens():
+    # Alone, a row's 5000 logits are split over five programs; in a batch of 600 each row is one.
+    logits = torch.randn(600, 5000, generator=torch.Generator().manual_seed(2))
+    logits[0, 10] = logits[0, 4500] = 60.0  # a tie across chunks: the first index wins
+    temperature = torch.cat([torch.zeros(1), torch.ones(599)])
+    s = seeds(600)
+    batched = gumbel_sample(logits, temperature, s)
+    for row in (0, 1, 599):
+        alone = gumbel_sample(logits[row : row + 1].clone(), temperature[row : row + 1], s[row : row + 1])
+        assert alone.item() == batched[row].item()
+    assert batched[0].item() == 10
+
+
+@interpreted
+def test_a_row_of_only_minus_infinity_gives_column_zero_like_argmax():
+    logits = torch.full((1, 3000), float("-inf"))
+    assert gumbel_sample(logits, torch.ones(1), seeds(1)).item() == 0
+
+
+@interpreted
 def test_draws_follow_softmax_of_logits_over_temperature():
     temperature = 0.7
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")])

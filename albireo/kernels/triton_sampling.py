@@ -15,21 +15,35 @@ import triton
 import triton.language as tl
 
 
+# Programs wanted in flight at once: a batch too small to fill the GPU with one program per row
+# splits each row's vocabulary into chunks (a single program walking 128k logits of a batch-1
+# decode step took tens of microseconds, most of a step's sampling time).
+_TARGET_PROGRAMS = 512
+_BLOCK = 1024
+
+
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, stride, temperature_ptr, seed_ptr, out_ptr, V, BLOCK: tl.constexpr):
+def _gumbel_argmax_kernel(
+    logits_ptr, stride, temperature_ptr, seed_ptr, best_score_ptr, best_idx_ptr, V, CHUNK, NUM_CHUNKS,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     t = tl.load(temperature_ptr + row)
     seed = tl.load(seed_ptr + row)
     greedy = t == 0.0
     inv_t = tl.where(greedy, 1.0, 1.0 / t)
     noise_scale = tl.where(greedy, 0.0, 1.0)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, V, BLOCK):
+    lo = chunk * CHUNK
+    # A chunk of -inf logits alone names its first column, so an all -inf row gives 0 as argmax does.
+    best_idx = tl.full([BLOCK], 0, tl.int32) + lo
+    for start in range(lo, tl.minimum(lo + CHUNK, V), BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         logit = tl.load(logits_ptr + row * stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        # u in (0, 1) keeps both logarithms finite.
+        # u in (0, 1) keeps both logarithms finite. The noise depends on (seed, column) alone, so
+        # how the vocabulary is split into chunks never changes the draw.
         u = tl.minimum(tl.maximum(tl.rand(seed, cols), 1e-10), 0.99999988)
         score = logit * inv_t - noise_scale * tl.log(-tl.log(u))
         score = tl.where(mask, score, float("-inf"))
@@ -38,7 +52,20 @@ def _gumbel_argmax_kernel(logits_ptr, stride, temperature_ptr, seed_ptr, out_ptr
         best_idx = tl.where(better, cols, best_idx)
     top = tl.max(best, 0)
     winner = tl.min(tl.where(best == top, best_idx, V), 0)
-    tl.store(out_ptr + row, winner.to(tl.int64))
+    tl.store(best_score_ptr + row * NUM_CHUNKS + chunk, top)
+    tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, winner)
+
+
+@triton.jit
+def _chunk_argmax_kernel(best_score_ptr, best_idx_ptr, out_ptr, NUM_CHUNKS, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < NUM_CHUNKS
+    score = tl.load(best_score_ptr + row * NUM_CHUNKS + offs, mask=mask, other=float("-inf"))
+    idx = tl.load(best_idx_ptr + row * NUM_CHUNKS + offs, mask=mask, other=2147483647)
+    top = tl.max(score, 0)
+    # Chunks are in column order, so the smallest index among the tied maxima is the first one.
+    tl.store(out_ptr + row, tl.min(tl.where(score == top, idx, 2147483647), 0).to(tl.int64))
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -46,6 +73,19 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     assert logits.stride(1) == 1, "the vocabulary dimension must be contiguous"
     batch, vocab = logits.shape
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    if batch:
-        _gumbel_argmax_kernel[(batch,)](logits, logits.stride(0), temperature, seeds, out, vocab, BLOCK=1024, num_warps=4)
+    if not batch:
+        return out
+    blocks = triton.cdiv(vocab, _BLOCK)
+    num_chunks = max(1, min(blocks, _TARGET_PROGRAMS // batch))
+    chunk = triton.cdiv(blocks, num_chunks) * _BLOCK
+    num_chunks = triton.cdiv(vocab, chunk)
+    scores = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
+    _gumbel_argmax_kernel[(batch, num_chunks)](
+        logits, logits.stride(0), temperature, seeds, scores, indices, vocab, chunk, num_chunks,
+        BLOCK=_BLOCK, num_warps=4,
+    )
+    _chunk_argmax_kernel[(batch,)](
+        scores, indices, out, num_chunks, BLOCK=triton.next_power_of_2(num_chunks), num_warps=1,
+    )
     return out

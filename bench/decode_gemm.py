@@ -1,0 +1,102 @@
+"""Time a decode step's linear layers at small batch: cuBLAS (F.linear) against the Triton GEMV.
+
+    python bench/decode_gemm.py --out benchmarks/results/decode-gemm-h100.json
+
+Shapes are one Llama-3.1-8B layer's projections (TP=1 and TP=2) and its LM head. Each timing is
+a CUDA graph of 40 calls cycling through enough copies of the weight to overflow L2, so every call
+streams its weight from device memory. The ceiling is a large device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from albireo.kernels.triton_gemv import CONFIGS, gemv
+
+SHAPES = {  # name: (N, K)
+    "qkv": (6144, 4096),
+    "o_proj": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "lm_head": (128256, 4096),
+    "qkv_tp2": (3072, 4096),
+    "o_proj_tp2": (4096, 2048),
+    "gate_up_tp2": (14336, 4096),
+    "down_tp2": (4096, 7168),
+}
+CALLS = 40
+
+
+def time_graph(fn, iters: int = 5) -> float:
+    """Microseconds per call of fn (which makes CALLS calls), captured in a graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (iters * CALLS)
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) * 1e-3) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rows", default="1,2,4")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    record = {"device": torch.cuda.get_device_name(), "copy_tb_s": copy_bandwidth(), "shapes": {}}
+    print(f"{record['device']}: device-to-device copy {record['copy_tb_s']:.2f} TB/s (read + write)")
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, -(-160 * 2**20 // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in map(int, args.rows.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            expect = F.linear(x.float(), weights[0].float())
+            got = gemv(x, weights[0])
+            err = ((got.float() - expect).abs().max() / expect.abs().max()).item()
+            row = {"rel_err": err, "cublas_us": time_graph(lambda: [F.linear(x, weights[i % copies]) for i in range(CALLS)])}
+            best = None
+            for config in CONFIGS:
+                us = time_graph(lambda: [gemv(x, weights[i % copies], config) for i in range(CALLS)])
+                row[f"gemv_{'_'.join(map(str, config))}_us"] = us
+                if best is None or us < best[1]:
+                    best = (config, us)
+            row["best_gemv"], row["best_gemv_us"] = list(best[0]), best[1]
+            gbytes = n * k * 2 / 1e9
+            row["cublas_tb_s"], row["gemv_tb_s"] = gbytes / row["cublas_us"] * 1e3, gbytes / best[1] * 1e3
+            record["shapes"][f"{name}_m{m}"] = row
+            print(f"{name:12s} m={m} N={n:6d} K={k:5d}  cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tb_s']:.2f} TB/s)"
+                  f"  gemv {best[1]:7.1f} us ({row['gemv_tb_s']:.2f} TB/s) {best[0]}  err {err:.1e}", flush=True)
+        del weights
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
