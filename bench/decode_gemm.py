@@ -83,7 +83,7 @@ def main() -> None:
             row = {"rel_err": err, "cublas_us": time_graph(lambda: [F.linear(x, weights[i % copies]) for i in range(CALLS)])}
             best = None
             for config in CONFIGS:
-                us = time_graph(lambda: [gemv(x, weights[i % copies], config) for i in range(CALLS)])
+                us = time_graph(lambda: [gemv(x, weights[i % copies], config=config) for i in range(CALLS)])
                 row[f"gemv_{'_'.join(map(str, config))}_us"] = us
                 if best is None or us < best[1]:
                     best = (config, us)
@@ -93,7 +93,6 @@ def main() -> None:
             record["shapes"][f"{name}_m{m}"] = row
             print(f"{name:12s} m={m} N={n:6d} K={k:5d}  cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_tb_s']:.2f} TB/s)"
                   f"  gemv {best[1]:7.1f} us ({row['gemv_tb_s']:.2f} TB/s) {best[0]}  err {err:.1e}", flush=True)
-        del weights
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
 

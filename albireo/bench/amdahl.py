@@ -57,7 +57,7 @@ def fit_measured(cost: dict[int, float]) -> dict:
     if len(cost) < 2:
         raise ValueError(f"fitting needs costs at two or more TP degrees, got {sorted(cost)}")
     xs, ys = [1 / t for t in cost], list(cost.values())
-    n, mean_x, mean_y = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     a = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
     b = mean_y - a * mean_x
     return {"shrinking": a, "not_shrinking": b, **_prediction({t: a / t + b for t in TP_DEGREES})}

@@ -1,13 +1,16 @@
-"""y = x W^T for a handful of rows of x: the matrix-vector products of a small decode batch.
+"""y = x W^T for one row of x: the matrix-vector products of a batch-1 decode step.
 
-At batch 1 a decode step's linear layers only stream their weights; the floor is the weight
-bytes over memory bandwidth. cuBLAS reaches it on most shapes of a Llama layer, but not on all
-(the 4096 x 4096 output projection of an 8B model ran at about half of it on an H100), so the
-runner times both on each shape it captures and keeps the faster (`LinearDispatch`).
+At batch 1 a decode step's linear layers only stream their weights, so the floor is the weight
+bytes over memory bandwidth. On an H100, cuBLAS ran the projections of a Llama-3.1-8B layer at
+2.1-2.9 TB/s and this kernel at 2.5-3.15 TB/s on every shape, TP=1 and TP=2, while at 4 rows
+cuBLAS won everywhere (benchmarks/results/decode-gemm-h100.json, bench/decode_gemm.py); so the
+linear layers call it for a single row only.
 
 Each program owns BLOCK_N output features and walks the whole of K, keeping a [BLOCK_M, BLOCK_N,
-BLOCK_K] float32 partial sum that is reduced once at the end, so the loop body is loads and
-multiply-adds with no cross-lane reduction.
+BLOCK_K] float32 partial sum that is reduced once at the end: the loop body is loads and
+multiply-adds with no cross-lane reduction, and no split-K pass follows. With SILU_MUL the input
+row is a fused gate_up output [gate | up] and the kernel computes silu(gate) * up as it reads it
+(rounded where torch rounds), which saves the down projection a separate activation kernel.
 """
 
 from __future__ import annotations
@@ -18,24 +21,26 @@ import triton.language as tl
 
 __all__ = ["gemv", "CONFIGS", "MAX_ROWS"]
 
-# Beyond this many rows the weight tile is reused enough for a tensor-core GEMM to win.
+# The measurement covered up to 4 rows; past that a tensor-core GEMM reuses each weight tile.
 MAX_ROWS = 4
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): the shapes tried per weight shape.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). The first was the fastest on every H100 shape at one
+# row; the others are what bench/decode_gemm.py compares it with.
 CONFIGS = [
     (4, 1024, 4, 3),
+    (2, 2048, 4, 3),
+    (4, 2048, 8, 3),
+    (4, 1024, 4, 4),
+    (8, 1024, 4, 3),
     (8, 512, 4, 3),
-    (8, 1024, 8, 3),
-    (16, 512, 8, 3),
     (16, 256, 4, 4),
-    (32, 256, 8, 3),
 ]
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -47,23 +52,37 @@ def _gemv_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x_at = x_ptr + rows[:, None] * stride_xm + ks[None, :]
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_at, mask=x_ok, other=0.0)
+        if SILU_MUL:
+            g = x.to(tl.float32)
+            up = tl.load(x_at + K, mask=x_ok, other=0.0).to(tl.float32)
+            # torch: F.silu(gate) is rounded to the activation dtype, then so is the product.
+            act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+            x = (act * up).to(x.dtype)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     y = tl.sum(acc, axis=2)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: tuple[int, int, int, int] = CONFIGS[1]) -> torch.Tensor:
-    """x [M, K] with M <= MAX_ROWS, w [N, K] (rows contiguous) -> x @ w.T, [M, N] in x's dtype."""
-    m, k = x.shape
-    n = w.shape[0]
-    assert m <= MAX_ROWS and w.shape[1] == k and w.stride(1) == 1 and x.stride(1) == 1
+def gemv(
+    x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False, config: tuple[int, int, int, int] = CONFIGS[0]
+) -> torch.Tensor:
+    """x [M, K] with M <= MAX_ROWS, w [N, K] -> x @ w.T, [M, N] in x's dtype.
+
+    With silu_mul, x is [M, 2K] holding [gate | up] and the product is silu(gate) * up @ w.T.
+    """
+    m = x.shape[0]
+    n, k = w.shape
+    assert m <= MAX_ROWS and x.shape[1] == (2 * k if silu_mul else k), "x does not match the weight"
+    assert w.stride(1) == 1 and x.stride(1) == 1, "the K dimension must be contiguous"
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps, num_stages = config
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+        SILU_MUL=silu_mul, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages,
     )
     return y

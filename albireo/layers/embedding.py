@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albireo.distributed.parallel_state import tp_all_gather, tp_all_reduce, tp_rank, tp_size
-from albireo.layers.linear import check_shape
+from albireo.layers.linear import check_shape, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -41,4 +41,4 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's vocabulary shard of the logits, [B, ceil(vocab_size / tp)] (padded on the last rank)."""
-        return F.linear(hidden, self.weight)
+        return linear(hidden, self.weight)

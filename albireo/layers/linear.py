@@ -12,7 +12,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from albireo import kernels
 from albireo.distributed.parallel_state import tp_all_reduce, tp_rank, tp_size
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """x W^T + b. With silu_mul, x is a fused [gate | up] and the product is silu(gate) * up W^T.
+
+    A single half-precision row on CUDA (a batch-1 decode step) goes through the Triton GEMV,
+    which streams the weight faster than cuBLAS at one row and applies silu_mul as it reads x.
+    """
+    if kernels.fused_on(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _HALF:
+        from albireo.kernels.triton_gemv import gemv
+
+        y = gemv(x, weight, silu_mul)
+        return y if bias is None else y + bias
+    if silu_mul:
+        x = silu_and_mul(x)
+    return F.linear(x, weight, bias)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused [gate | up] tensor."""
+    if kernels.fused_on(gate_up):
+        from albireo.kernels import triton_fused
+
+        return triton_fused.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -53,7 +82,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, dst, length).copy_(loaded.narrow(0, src, length))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -104,6 +133,7 @@ class RowParallelLinear(nn.Module):
         check_shape(loaded, param.shape)
         param.data.copy_(loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(F.linear(x, self.weight))
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """With silu_mul, x is a fused [gate | up] whose silu(gate) * up is the input."""
+        y = tp_all_reduce(linear(x, self.weight, silu_mul=silu_mul))
         return y if self.bias is None else y + self.bias

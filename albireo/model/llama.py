@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from albireo import kernels
 from albireo.config import ArchConfig
 from albireo.distributed.parallel_state import tp_size
 from albireo.layers.attention import Attention, AttentionMetadata
@@ -58,13 +56,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if kernels.fused_on(gate_up):
-            from albireo.kernels.triton_fused import silu_and_mul
-
-            return self.down_proj(silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.gate_up_proj(x), silu_mul=True)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,6 +1,7 @@
 """End to end on the GPU: outputs against transformers, CUDA graphs against eager (run on the H100)."""
 
 import gc
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,40 +50,26 @@ def test_default_model_float32_on_gpu_equals_transformers():
 
 
 def test_default_model_bfloat16_keeps_fp32_tokens_as_often_as_transformers_bf16():
-    """bf16 rounding flips near-ties of this small model: transformers' own bf16 kept fp32's first
-    20 tokens on 7 of these 10 prompts on the CPU (benchmarks/logs/bf16_agreement_cpu.txt). Ours must
-    do as well, give or take one prompt."""
-    from transformers import AutoModelForCausalLM
+    """bf16 rounding flips near-ties of this small model: on the CPU transformers' own bf16 kept
+    fp32's first 20 tokens on 20 of these 30 prompts and ours on 21 (benchmarks/logs/
+    bf16_agreement_cpu.txt). On the GPU ours must keep them on most prompts and on about as many as
+    transformers does (within 3 prompts: ten prompts gave 5 vs 7 there, noise at that size)."""
+    sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
+    from bf16_agreement import NUM_TOKENS, agreeing_prefixes, chat_prompts, transformers_greedy
 
-    questions = [
-        "What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
-        "Who wrote Romeo and Juliet?", "What is the boiling point of water in Celsius?",
-        "Translate 'good morning' to Spanish.", "What planet is known as the red planet?",
-        "Give me a synonym for happy.", "What is the largest ocean on Earth?", "How many legs does a spider have?",
-    ]
     llm = LLM(dtype="bfloat16", gpu_memory_utilization=0.3)
-    tok = llm.get_tokenizer()
-    prompts = [tok.encode(llm.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
-               for q in questions]
-    ours = [o.outputs[0].token_ids for o in llm.generate(
-        prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)]
-    path = Path(default_model_path())
-
-    def hf(dtype):
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).cuda().eval()
-        outs = []
-        for p in prompts:
-            ids = torch.tensor([p], device="cuda")
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                                 eos_token_id=None, pad_token_id=2)
-            outs.append(out[0, len(p):].tolist())
-        return outs
-
-    fp32, hf_bf16 = hf(torch.float32), hf(torch.bfloat16)
-    ours_same = sum(a == b for a, b in zip(ours, fp32))
-    hf_same = sum(a == b for a, b in zip(hf_bf16, fp32))
-    print(f"first 20 tokens equal to transformers fp32: Albireo bf16 {ours_same}/10, transformers bf16 {hf_same}/10")
-    assert ours_same >= hf_same - 1
+    prompts = chat_prompts(llm)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    fp32 = transformers_greedy(prompts, torch.float32, "cuda")
+    hf_bf16 = transformers_greedy(prompts, torch.bfloat16, "cuda")
+    ours_same = sum(p == NUM_TOKENS for p in agreeing_prefixes(ours, fp32))
+    hf_same = sum(p == NUM_TOKENS for p in agreeing_prefixes(hf_bf16, fp32))
+    n = len(prompts)
+    print(f"first {NUM_TOKENS} tokens equal to transformers fp32: Albireo bf16 {ours_same}/{n}, "
+          f"transformers bf16 {hf_same}/{n}")
+    assert ours_same > n // 2
+    assert ours_same >= hf_same - 3
 
 
 def test_fused_kernels_give_the_same_tokens_as_torch(tiny_model):

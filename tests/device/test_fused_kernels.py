@@ -223,3 +223,43 @@ def test_gumbel_sampling_greedy_rows_equal_argmax_at_vocab_128k():
     logits = torch.randn(64, 128256, device="cuda")
     out = gumbel_sample(logits, torch.zeros(64, device="cuda"), torch.zeros(64, dtype=torch.int64, device="cuda"))
     assert torch.equal(out, logits.argmax(dim=1))
+
+
+# The decode projections of the two models (N, K) at TP=1 and 2, and a 128k-vocabulary LM head.
+GEMV_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (3072, 2048), (2048, 4096), (128256, 4096)]
+
+
+@pytest.mark.parametrize("n,k", GEMV_SHAPES)
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gemv_bf16_equals_fp32_product_within_rounding(n, k, rows):
+    from albireo.kernels.triton_gemv import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(n + k + rows)
+    x = torch.randn(rows, k, device="cuda", generator=g).to(BF16)
+    w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(BF16)
+    torch.full((rows, n), float("nan"), device="cuda", dtype=BF16)  # poison what the allocator hands out next
+    got = gemv(x, w)
+    exact = F.linear(x.float(), w.float())
+    assert torch.isfinite(got).all()
+    # One bf16 rounding of the output plus fp32 sum-order differences.
+    torch.testing.assert_close(got.float(), exact, rtol=ULP_RTOL, atol=1e-2)
+
+
+def test_gemv_silu_mul_bf16_equals_torch_mlp_tail():
+    from albireo.kernels.triton_gemv import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    gate_up = torch.randn(1, 2 * 14336, device="cuda", generator=g).to(BF16)
+    w = (torch.randn(4096, 14336, device="cuda", generator=g) * 14336**-0.5).to(BF16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.linear((F.silu(gate) * up).float(), w.float())
+    torch.testing.assert_close(gemv(gate_up, w, silu_mul=True).float(), expected, rtol=ULP_RTOL, atol=1e-2)
+
+
+def test_one_row_linear_agrees_with_cublas():
+    from albireo.layers.linear import linear
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(1, 4096, device="cuda", generator=g).to(BF16)
+    w = (torch.randn(6144, 4096, device="cuda", generator=g) / 64).to(BF16)
+    torch.testing.assert_close(linear(x, w).float(), F.linear(x, w).float(), rtol=2 * ULP_RTOL, atol=1e-2)

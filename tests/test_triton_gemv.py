@@ -1,0 +1,64 @@
+"""The batch-1 GEMV kernel, on CPU through the Triton interpreter."""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+import interpreter  # noqa: E402
+
+IN_PROCESS = interpreter.enable()
+if IN_PROCESS:
+    from albireo.kernels.triton_gemv import CONFIGS, gemv
+
+interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled here; the subprocess test runs these")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
+def test_in_interpreter_subprocess():
+    interpreter.run_in_subprocess(__file__)
+
+
+def small(config):
+    """A config with a K tile small enough for ragged K to cross several tiles."""
+    block_n, _, warps, stages = config
+    return block_n, 64, warps, stages
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_matches_torch_linear_with_ragged_n_and_k(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 300, generator=g), torch.randn(70, 300, generator=g)
+    for config in CONFIGS:
+        torch.testing.assert_close(gemv(x, w, config=small(config)), F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@interpreted
+def test_silu_mul_multiplies_silu_of_gate_by_up_before_the_product():
+    g = torch.Generator().manual_seed(5)
+    gate_up, w = torch.randn(2, 600, generator=g), torch.randn(40, 300, generator=g)
+    gate, up = gate_up.chunk(2, dim=-1)
+    got = gemv(gate_up, w, silu_mul=True, config=small(CONFIGS[0]))
+    torch.testing.assert_close(got, F.linear(F.silu(gate) * up, w), rtol=1e-5, atol=1e-4)
+
+
+@interpreted
+def test_bf16_result_is_within_one_bf16_step_of_the_fp32_product():
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(1, 512, generator=g).bfloat16(), torch.randn(64, 512, generator=g).bfloat16()
+    got = gemv(x, w, config=small(CONFIGS[0]))
+    assert got.dtype == torch.bfloat16
+    exact = F.linear(x.float(), w.float())
+    # One step of bf16's 8-bit significand (the interpreter may truncate where the GPU rounds).
+    torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-6)
+
+
+@interpreted
+def test_more_rows_than_the_kernel_serves_are_refused():
+    with pytest.raises(AssertionError):
+        gemv(torch.randn(5, 64), torch.randn(8, 64))
