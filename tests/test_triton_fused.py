@@ -205,6 +205,29 @@ def test_rotary_bf16(tf):
     _close(k, want_k, atol=2e-2, rtol=1e-2)
 
 
+def test_rotary_with_store_kv_fills_the_cache_as_write_kv_does(tf):
+    from albireo.kernels import reference
+
+    g = _gen(13)
+    t, hq, hk, d, page = 5, 4, 2, 64, 4
+    rope = RotaryEmbedding(d, 256, 500000.0, None)
+    qkv = _randn(t, (hq + 2 * hk) * d, g=g)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    positions = torch.randint(0, 256, (t,), generator=g)
+    slots = torch.tensor([9, 2, -1, 15, 4])  # -1: a padding row that must store nothing
+    want_q, want_k = rope(positions, q.clone(), k.clone())
+    want_k_cache, want_v_cache = torch.zeros(4, page, hk, d), torch.zeros(4, page, hk, d)
+    keep = slots >= 0
+    reference.write_kv(want_k[keep], v[keep], want_k_cache, want_v_cache, slots[keep])
+
+    k_cache, v_cache = torch.zeros(4, page, hk, d), torch.zeros(4, page, hk, d)
+    tf.apply_rotary(positions, q, k, rope.cos, rope.sin, store_kv=(v, k_cache, v_cache, slots))
+    _close(q, want_q)
+    _close(k, want_k)
+    _close(k_cache, want_k_cache)
+    assert torch.equal(v_cache, want_v_cache)
+
+
 # ---------------------------------------------------------------------------- silu_and_mul
 
 

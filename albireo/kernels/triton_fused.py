@@ -166,16 +166,18 @@ def rms_norm(
 
 @triton.jit
 def _rotate_heads(base_ptr, stride_h, H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, d, cos, sin):
+    """Rotates a token's H heads in place; returns the rotated halves in the storage dtype."""
     h = tl.arange(0, BLOCK_H)
     mask = (h[:, None] < H) & (d[None, :] < HALF)
     p1 = base_ptr + h[:, None] * stride_h + d[None, :]
     p2 = p1 + HALF
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    tl.store(p1, o1.to(base_ptr.dtype.element_ty), mask=mask)
-    tl.store(p2, o2.to(base_ptr.dtype.element_ty), mask=mask)
+    o1 = (x1 * cos - x2 * sin).to(base_ptr.dtype.element_ty)
+    o2 = (x2 * cos + x1 * sin).to(base_ptr.dtype.element_ty)
+    tl.store(p1, o1, mask=mask)
+    tl.store(p2, o2, mask=mask)
+    return o1, o2
 
 
 @triton.jit
@@ -191,12 +193,23 @@ def _rotary_kernel(
     k_sh,
     cos_st,
     sin_st,
+    v_ptr,
+    v_st,
+    v_sh,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    cache_sb,
+    cache_ss,
+    cache_sh,
     HQ: tl.constexpr,
     HK: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STORE_KV: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -205,11 +218,28 @@ def _rotary_kernel(
     cos = tl.load(cos_ptr + pos * cos_st + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + pos * sin_st + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     _rotate_heads(q_ptr + t * q_st, q_sh, HQ, HALF, BLOCK_HQ, d, cos, sin)
-    _rotate_heads(k_ptr + t * k_st, k_sh, HK, HALF, BLOCK_HK, d, cos, sin)
+    k1, k2 = _rotate_heads(k_ptr + t * k_st, k_sh, HK, HALF, BLOCK_HK, d, cos, sin)
+    if STORE_KV:
+        # The rotated k and the untouched v go to the token's cache slot; a negative slot is a
+        # padding row and stores nothing.
+        slot = tl.load(slot_ptr + t)
+        h = tl.arange(0, BLOCK_HK)[:, None]
+        mask = (h < HK) & (d[None, :] < HALF) & (slot >= 0)
+        dst = (slot // PAGE) * cache_sb + (slot % PAGE) * cache_ss + h * cache_sh + d[None, :]
+        tl.store(k_cache_ptr + dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        v_src = v_ptr + t * v_st + h * v_sh + d[None, :]
+        tl.store(v_cache_ptr + dst, tl.load(v_src, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst + HALF, tl.load(v_src + HALF, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def apply_rotary(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    store_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hk, D] IN PLACE by the cos/sin rows [max_pos, D/2] of positions [T].
 
@@ -217,6 +247,10 @@ def apply_rotary(
     for q and k. q and k may be strided views (e.g. split from a [T, (Hq+2Hk)*D] qkv tensor and
     viewed as [T, H, D]); only the last dim must be contiguous. Returns (q, k), the same tensors.
     positions are not bounds-checked: each must be < max_pos.
+
+    store_kv = (v, k_cache, v_cache, slot_mapping) also stores the rotated k and v [T, Hk, D] at
+    the flat slots [T] of the caches [blocks, block_size, Hk, D] in the same launch, as
+    ``write_kv`` would (negative slots are skipped).
     """
     assert q.dim() == 3 and k.dim() == 3, "q and k must be [T, H, D]"
     t, hq, d = q.shape
@@ -231,6 +265,15 @@ def apply_rotary(
     positions = positions.contiguous()
     if t == 0:
         return q, k
+    if store_kv is None:
+        v, k_cache, v_cache, slots, page = k, k, k, positions, 1  # unused: STORE_KV is off
+        v_strides, cache_strides = (0, 0), (0, 0, 0)
+    else:
+        v, k_cache, v_cache, slots = store_kv
+        assert v.shape == k.shape and v.stride(2) == 1 and slots.shape == (t,)
+        assert k_cache.shape[2:] == (hk, d) and v_cache.stride() == k_cache.stride() and k_cache.stride(3) == 1
+        page = k_cache.shape[1]
+        v_strides, cache_strides = (v.stride(0), v.stride(1)), k_cache.stride()[:3]
     _rotary_kernel[(t,)](
         positions,
         q,
@@ -243,12 +286,20 @@ def apply_rotary(
         k.stride(1),
         cos.stride(0),
         sin.stride(0),
+        v,
+        *v_strides,
+        k_cache,
+        v_cache,
+        slots,
+        *cache_strides,
         HQ=hq,
         HK=hk,
         HALF=half,
         BLOCK_HQ=triton.next_power_of_2(hq),
         BLOCK_HK=triton.next_power_of_2(hk),
         BLOCK_D=triton.next_power_of_2(half),
+        STORE_KV=store_kv is not None,
+        PAGE=page,
         num_warps=4,
     )
     return q, k

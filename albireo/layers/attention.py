@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from albireo import kernels
 from albireo.kernels import reference
 
 
@@ -46,20 +47,42 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, Hq, D], k and v [T, Hk, D] -> [T, Hq * D]."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        rotary: Callable | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hk, D] -> [T, Hq * D].
+
+        With rotary (a RotaryEmbedding), q and k are first rotated by their positions [T]; on CUDA
+        one kernel then rotates them and stores k and v in the cache.
+        """
         if meta.before_attention is not None:
             meta.before_attention(self.layer_idx)
+        if rotary is not None and kernels.fused_on(q):
+            from albireo.kernels.triton_fused import apply_rotary
+
+            apply_rotary(positions, q, k, rotary.cos, rotary.sin,
+                         store_kv=(v, self.k_cache, self.v_cache, meta.slot_mapping))
+        else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
+            write_kv = reference.write_kv
+            if q.is_cuda:
+                from albireo.kernels.triton_attention import write_kv
+            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if q.is_cuda:
             from albireo.kernels import triton_attention
 
-            triton_attention.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             out = triton_attention.paged_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                 self.scale, meta.max_query_len,
             )
         else:
-            reference.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             out = reference.paged_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc_cpu, meta.seq_lens_cpu,
                 self.scale,
