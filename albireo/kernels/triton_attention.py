@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from albireo.kernels import pdl
+
 # Tunables (H100 defaults; the lead engineer benchmarks these).
 # Keys per inner-loop iteration. Any size is correct (K/V are gathered per position); a multiple or
 # a divisor of the cache block size keeps each page's rows in one tile.
@@ -268,8 +270,9 @@ def _decode_split_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.wait_for_previous(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -336,8 +339,9 @@ def _decode_merge_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr,
     num_q_heads,
     stride_ot, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.wait_for_previous(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -454,22 +458,23 @@ def paged_attention(
             part_out, part_lse = buf[: part_lse_numel * head_dim], buf[part_lse_numel * head_dim :]
         else:
             part_out = part_lse = out  # unused: one split writes the output itself
+        on = pdl.enabled(q)
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, out, part_out, part_lse,
             block_tables, query_start_loc, seq_lens,
             scale_log2, num_q_heads,
             *common_strides,
             GROUP=group, BLOCK_M=max(MIN_DOT_ROWS, group_pad), BLOCK_N=KV_TILE, PAGE=page,
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision,
-            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision, PDL=on,
+            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, launch_pdl=on,
         )  # fmt: skip
         if num_splits > 1:
             _decode_merge_kernel[(num_seqs, num_q_heads)](
                 out, part_out, part_lse, query_start_loc,
                 num_q_heads,
                 *out.stride(),
-                HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-                num_warps=4 if head_dim >= 128 else 2,
+                HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=on,
+                num_warps=4 if head_dim >= 128 else 2, launch_pdl=on,
             )  # fmt: skip
         return out
 

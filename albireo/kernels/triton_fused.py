@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from albireo.kernels import pdl
+
 __all__ = ["rms_norm", "apply_rotary", "silu_and_mul"]
 
 # One program handles a whole row of rms_norm; rows longer than this would not fit in registers.
@@ -59,7 +61,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     a = row // B
     b = row % B
@@ -137,6 +141,7 @@ def rms_norm(
 
     rows = a * b
     if rows > 0:
+        on = pdl.enabled(x)
         _rms_norm_kernel[(rows,)](
             x3,
             res3,
@@ -154,7 +159,9 @@ def rms_norm(
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
+            PDL=on,
             num_warps=_norm_num_warps(block),
+            launch_pdl=on,
         )
     return out if residual is None else (out, new_residual)
 
@@ -210,7 +217,9 @@ def _rotary_kernel(
     BLOCK_D: tl.constexpr,
     STORE_KV: tl.constexpr,
     PAGE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -274,6 +283,7 @@ def apply_rotary(
         assert k_cache.shape[2:] == (hk, d) and v_cache.stride() == k_cache.stride() and k_cache.stride(3) == 1
         page = k_cache.shape[1]
         v_strides, cache_strides = (v.stride(0), v.stride(1)), k_cache.stride()[:3]
+    on = pdl.enabled(q)
     _rotary_kernel[(t,)](
         positions,
         q,
@@ -300,7 +310,9 @@ def apply_rotary(
         BLOCK_D=triton.next_power_of_2(half),
         STORE_KV=store_kv is not None,
         PAGE=page,
+        PDL=on,
         num_warps=4,
+        launch_pdl=on,
     )
     return q, k
 

@@ -19,19 +19,23 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gemv", "CONFIGS", "MAX_ROWS"]
+from albireo.kernels import pdl
+
+__all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS"]
 
 # The measurement covered up to 4 rows; past that a tensor-core GEMM reuses each weight tile.
 MAX_ROWS = 4
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages). The first was the fastest on every H100 shape at one
-# row; the others are what bench/decode_gemm.py compares it with.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages), as bench/decode_gemm.py compares them. Every program
+# reads all of x from L2, so fewer output features per program mean more x traffic: on an H100 two
+# per program won for K <= 4096, and for longer rows (the down projection, whose x is twice as long
+# with silu_mul) eight, which reads x a quarter as often at the same speed (`config_for`).
 CONFIGS = [
-    (4, 1024, 4, 3),
     (2, 2048, 4, 3),
+    (8, 1024, 4, 3),
+    (4, 1024, 4, 3),
     (4, 2048, 8, 3),
     (4, 1024, 4, 4),
-    (8, 1024, 4, 3),
     (8, 512, 4, 3),
     (16, 256, 4, 4),
 ]
@@ -41,7 +45,9 @@ CONFIGS = [
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_previous(PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,8 +73,12 @@ def _gemv_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+def config_for(k: int) -> tuple[int, int, int, int]:
+    return CONFIGS[0] if k <= 4096 else CONFIGS[1]
+
+
 def gemv(
-    x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False, config: tuple[int, int, int, int] = CONFIGS[0]
+    x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False, config: tuple[int, int, int, int] | None = None
 ) -> torch.Tensor:
     """x [M, K] with M <= MAX_ROWS, w [N, K] -> x @ w.T, [M, N] in x's dtype.
 
@@ -79,10 +89,11 @@ def gemv(
     assert m <= MAX_ROWS and x.shape[1] == (2 * k if silu_mul else k), "x does not match the weight"
     assert w.stride(1) == 1 and x.stride(1) == 1, "the K dimension must be contiguous"
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps, num_stages = config
+    block_n, block_k, num_warps, num_stages = config or config_for(k)
+    on = pdl.enabled(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-        SILU_MUL=silu_mul, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        SILU_MUL=silu_mul, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, PDL=on,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
     )
     return y

@@ -1,0 +1,42 @@
+"""Programmatic dependent launch: the next kernel of a step is launched while this one still runs.
+
+A batch-1 decode step is a chain of about ten short kernels per layer, and between two of them the
+GPU used to drain the first grid before it started launching the second. On Hopper a kernel
+launched with `launch_pdl=True` may start as soon as every program of the kernel before it has
+called `griddepcontrol.launch_dependents`, so its launch and scheduling overlap that kernel's
+work. Each kernel of the chain therefore begins with `wait_for_previous`: it waits until the
+previous grid has finished (and its writes are visible) before it touches any memory, and only
+then lets its own successor launch, so at most two grids are ever resident and every kernel still
+reads and writes strictly after the one before it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# The A/B switch: ALBIREO_PDL=0 launches every kernel the ordinary way.
+use_pdl = os.environ.get("ALBIREO_PDL", "1") != "0"
+
+_capable: dict[int, bool] = {}
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether kernels on x's device launch with PDL (Hopper or newer, CUDA, switch on)."""
+    if not (use_pdl and x.is_cuda):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _capable:
+        _capable[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _capable[index]
