@@ -37,6 +37,9 @@ def engine_facts(llm, args) -> dict:
         "all_reduce": config.parallel.all_reduce,
         "async_scheduling": config.scheduler.async_scheduling,
         "cuda_graphs": config.device == "cuda" and not config.enforce_eager,
+        "fused_kernels": config.fused_kernels,
+        # Programmatic dependent launch (albireo/kernels/pdl.py), switched off by ALBIREO_PDL=0.
+        "pdl": config.device == "cuda" and os.environ.get("ALBIREO_PDL", "1") != "0",
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,
