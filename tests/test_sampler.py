@@ -361,3 +361,31 @@ def test_no_logprobs_requested_returns_none():
 def test_logprob_width_is_max_k_plus_one(k):
     out = sample(torch.randn(2, 10), [row(logprobs=k), row()])
     assert out.logprobs.shape == (2, k + 1)
+
+
+@pytest.mark.parametrize(
+    "params,reusable",
+    [
+        (dict(temperature=0.8, top_p=0.9, logprobs=2), True),
+        (dict(temperature=0), True),
+        (dict(temperature=0.8, seed=3), False),  # its noise depends on the step
+        (dict(temperature=0, seed=3), True),  # a greedy row never draws
+        (dict(temperature=0.8, presence_penalty=0.5), False),  # reads the output so far
+        (dict(temperature=0.8, min_tokens=4, stop_token_ids=[7]), False),  # still blocked
+    ],
+)
+def test_metadata_is_reusable_only_when_nothing_in_it_depends_on_the_step(params, reusable):
+    metadata = SamplingMetadata.build([row(**params), row(temperature=1.0)], 64, CPU)
+    assert metadata.reusable == reusable
+
+
+def test_min_tokens_once_reached_makes_metadata_reusable():
+    rows = [row(output=[1, 2], temperature=0.8, min_tokens=2, stop_token_ids=[7])]
+    assert SamplingMetadata.build(rows, 64, CPU).reusable
+
+
+def test_reused_metadata_samples_like_a_fresh_one():
+    rows = [row(temperature=0), row(temperature=1.0, top_k=1)]
+    metadata = SamplingMetadata.build(rows, 4, CPU)
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 1.0, 0.0, 0.0]])
+    assert Sampler()(logits, metadata.for_next_step()).sampled_token_ids.tolist() == [1, 0]

@@ -117,3 +117,25 @@ def test_logprobs_hold_the_sampled_token_and_top_k(llm):
         assert all(lp.logprob <= 0 for lp in step.values())
     assert math.isclose(out.cumulative_logprob, sum(step[t].logprob for t, step in zip(out.token_ids, out.logprobs)),
                         rel_tol=1e-5)
+
+
+def test_request_ids_reused_with_other_parameters_get_their_own_sampling(tiny_model):
+    """The runner reuses a batch's sampling metadata while the same requests sample; ids that come
+    back (a caller's own ids) with other parameters must not inherit the old ones."""
+    llm = LLM(tiny_model("llama"))
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = tokens(llm, PROMPTS[:2], greedy)
+
+    def run(params):
+        for i, prompt in enumerate(PROMPTS[:2]):
+            engine.add_request(f"r{i}", prompt, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        return [done["r0"], done["r1"]]
+
+    run(SamplingParams(temperature=5.0, max_tokens=8, ignore_eos=True))
+    assert run(greedy) == expected

@@ -61,6 +61,8 @@ class ModelRunner:
         self.batch = InputBatch(self.max_num_reqs, config.max_model_len, self.block_size)
         self.kv_cache: torch.Tensor | None = None
         self.offload: HostKVTier | None = None
+        # (sampling request ids, their metadata) of the last step, while it may be reused.
+        self.sampling_cache: tuple[tuple[str, ...], SamplingMetadata] | None = None
         # Launched steps with KV loads, with their forward's timing events, not yet accounted.
         self.load_steps: list[tuple[LoadStep, torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -176,6 +178,8 @@ class ModelRunner:
             self.batch.remove(req_id)
         for new in plan.new_requests:
             self.batch.add(new)
+        if plan.new_requests:
+            self.sampling_cache = None  # a request id may come back with other sampling parameters
         requests = self.batch.requests
         for cached in plan.cached_requests:
             if cached.new_block_ids:
@@ -274,14 +278,12 @@ class ModelRunner:
         # A request samples when this step reaches the end of its tokens, the pending ones included.
         samples = [i for i, s in enumerate(states) if s.num_computed_tokens == s.num_tokens + s.num_pending]
         sampling_states = [states[i] for i in samples]
-        sampling_rows = [
-            SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids,
-                        num_generated=len(s.output_token_ids) + s.num_pending)
-            for s in sampling_states
-        ]
-        metadata = None
-        if samples and not self.seq_parallel:
-            metadata = SamplingMetadata.build(sampling_rows, self.config.arch.vocab_size, self.device)
+        sampled_ids = [req_ids[i] for i in samples]
+        sampling_rows = metadata = None
+        if self.seq_parallel:
+            sampling_rows = sampling_rows_of(sampling_states)
+        elif samples:
+            metadata = self._sampling_metadata(sampled_ids, sampling_states)
         for state in sampling_states:
             state.num_pending += 1
 
@@ -317,12 +319,26 @@ class ModelRunner:
             out = self.sampler(logits, metadata)
         if marks is not None:
             marks.append(self._mark())
-        sampled_ids = [req_ids[i] for i in samples]
         self.prev_tokens = out.sampled_token_ids
         self.prev_index = {r: k for k, r in enumerate(sampled_ids)}
         handle = self._send_home(out, sampled_ids, sampling_states)
         handle.marks = marks
         return handle
+
+    def _sampling_metadata(self, req_ids: list[str], states: list[RunnerRequest]) -> SamplingMetadata:
+        """The sampling rows' metadata, rebuilt only when the rows change or depend on the step.
+
+        At a thousand running requests building it took a millisecond or more per step, most of it
+        repeating the last step's work: a batch whose rows are the same requests in the same order,
+        none of them seeded, penalized or held by min_tokens, has the same metadata but for fresh
+        noise seeds.
+        """
+        key = tuple(req_ids)
+        if self.sampling_cache is not None and self.sampling_cache[0] == key:
+            return self.sampling_cache[1].for_next_step()
+        metadata = SamplingMetadata.build(sampling_rows_of(states), self.config.arch.vocab_size, self.device)
+        self.sampling_cache = (key, metadata) if metadata.reusable else None
+        return metadata
 
     def _transfer_kv(self, plan: SchedulerOutput) -> LoadStep | None:
         """Start the plan's host-tier copies; keep its new blocks from being written mid-save."""
@@ -398,3 +414,11 @@ class ModelRunner:
 
     def _graph_size(self, num_reqs: int) -> int | None:
         return next((size for size in sorted(self.graphs) if size >= num_reqs), None)
+
+
+def sampling_rows_of(states: list[RunnerRequest]) -> list[SamplingRow]:
+    return [
+        SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.eos_token_ids,
+                    num_generated=len(s.output_token_ids) + s.num_pending)
+        for s in states
+    ]

@@ -15,6 +15,7 @@ which must draw its noise from its own generator.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -95,10 +96,21 @@ class SamplingMetadata:
     fused_temperature: torch.Tensor | None = None
     fused_seeds: torch.Tensor | None = None
     filtered_rows: torch.Tensor | None = None
+    # Whether the same rows' next step may reuse this metadata (`for_next_step`): true when nothing
+    # in it depends on the step, i.e. no seeded sampled row, no penalty, no min_tokens block.
+    reusable: bool = False
 
     @property
     def batch_size(self) -> int:
         return self.temperature.shape[0]
+
+    def for_next_step(self) -> SamplingMetadata:
+        """This metadata for the same rows one step later (only valid when `reusable`)."""
+        assert self.reusable
+        if self.fused_seeds is None:
+            return self
+        seeds = torch.randint(0, 1 << 62, self.fused_seeds.shape, dtype=torch.int64, device=self.fused_seeds.device)
+        return dataclasses.replace(self, fused_seeds=seeds)
 
     @classmethod
     def build(
@@ -193,6 +205,7 @@ class SamplingMetadata:
             if any(filters):
                 filtered_rows = to_device(filters, torch.bool, device)
 
+        seeded = any(p.seed is not None and not g for p, g in zip(params, greedy))
         return cls(
             vocab_size=vocab_size,
             temperature=temperature,
@@ -214,6 +227,7 @@ class SamplingMetadata:
             fused_temperature=fused_temperature,
             fused_seeds=fused_seeds,
             filtered_rows=filtered_rows,
+            reusable=not seeded and output_token_ids is None and min_tokens_block is None,
         )
 
 
