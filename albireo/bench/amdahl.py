@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from albireo.bench.record import EnergyMeter
 from albireo.bench.throughput import random_prompts
 from albireo.profiling.step_timeline import DEVICE_PHASES, HOST_PHASES, StepSummary
 from albireo.sampling_params import SamplingParams
@@ -63,7 +64,7 @@ def fit_measured(cost: dict[int, float]) -> dict:
     return {"shrinking": a, "not_shrinking": b, **_prediction({t: a / t + b for t in TP_DEGREES})}
 
 
-def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, int]:
+def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, float | None, int]:
     llm = make_llm()
     engine = llm.engine
     prompts = random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)
@@ -71,9 +72,12 @@ def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, in
     timeline = engine.core.timeline
     timeline.reset()
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
+    meter = EnergyMeter(engine.config.parallel.tensor_parallel_size)
+    meter.start()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
+    joules = meter.stop()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     summary = timeline.summary()
     layers = engine.config.arch.num_layers
@@ -82,7 +86,7 @@ def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, in
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return summary, tokens / elapsed, 2 * layers
+    return summary, tokens / elapsed, None if joules is None else joules / tokens, 2 * layers
 
 
 def plot(results: dict[str, StepSummary], path: Path) -> None:
@@ -115,10 +119,11 @@ def run(args: argparse.Namespace, make_llm) -> dict:
                     "output_len": args.output_len, "num_prompts": args.num_prompts, "modes": {}}
     for mode in ("async", "sync"):
         args.async_scheduling = mode == "async"
-        summary, tokens_per_s, allreduces = _profile(args, make_llm)
+        summary, tokens_per_s, joules_per_token, allreduces = _profile(args, make_llm)
         results[mode] = summary
         record["modes"][mode] = {
             "output_tokens_per_s": tokens_per_s,
+            "joules_per_output_token": joules_per_token,
             **summary.as_record(),
         }
         if args.tensor_parallel_size == 1:  # the model extrapolates from one GPU's step
@@ -126,7 +131,8 @@ def run(args: argparse.Namespace, make_llm) -> dict:
         m = record["modes"][mode]
         print(f"{mode}: {tokens_per_s:.0f} tok/s, {summary.wall_ms:.2f} ms/step, serial fraction "
               f"{summary.serial_fraction:.3f}, GPU idle {summary.gpu_idle_fraction:.1%}, "
-              f"predicted best TP {m.get('predicted_best_tp', '-')}")
+              f"predicted best TP {m.get('predicted_best_tp', '-')}"
+              + ("" if joules_per_token is None else f", {joules_per_token:.4f} J per output token"))
         print("  " + ", ".join(f"{k} {v:.2f}" for k, v in summary.phases_ms.items()))
     png = Path(args.out_dir) / f"amdahl-{args.workload}-{args.model_name}-tp{args.tensor_parallel_size}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
