@@ -15,8 +15,17 @@ VLLM_H100 = {"W1": 16443, "W2": 8390, "W5": 29114, "W3": 1.673}
 H100 = "NVIDIA H100 80GB HBM3"
 
 
+def per_mode(record: dict) -> list[dict]:
+    """An `albireo bench amdahl` record (both modes in one file) as one record per mode."""
+    if "modes" not in record:
+        return [record]
+    base = {k: v for k, v in record.items() if k != "modes"}
+    return [{**base, **run, "async_scheduling": mode == "async"} for mode, run in record["modes"].items()]
+
+
 def latest(records: list[dict], workload: str, async_scheduling: bool) -> dict | None:
-    runs = [r for r in records if r.get("workload") == workload and r.get("tp", 1) == 1
+    """The newest TP=1 H100 run of a workload in one mode (A/B runs with PDL off do not count)."""
+    runs = [r for r in records if r.get("workload") == workload and r.get("tp", 1) == 1 and r.get("pdl", True)
             and r.get("device") == H100 and r.get("async_scheduling") == async_scheduling]
     return max(runs, key=lambda r: r["date"], default=None)
 
@@ -61,11 +70,15 @@ def plot_vs_vllm(records: list[dict], out: Path) -> Path:
     return out / "h100_vs_vllm.png"
 
 
-def scaling_runs(records: list[dict], device: str, workload: str, model: str, async_scheduling: bool) -> dict[int, dict]:
-    """The latest profiled run at each TP degree (the all-reduce over peer memory, where it was on)."""
+def scaling_runs(
+    records: list[dict], device: str, workload: str, model: str, async_scheduling: bool, commits: set[str]
+) -> dict[int, dict]:
+    """The latest profiled run at each TP degree among the given commits (one machine's set of runs;
+    the all-reduce over peer memory, where it was on)."""
     runs: dict[int, dict] = {}
     for r in records:
         if (r.get("device") == device and r.get("workload") == workload and r.get("model") == model
+                and r.get("commit") in commits
                 and r.get("async_scheduling") == async_scheduling and "step_breakdown" in r
                 and r.get("all_reduce", "symm_mem") == "symm_mem"):
             if r["tp"] not in runs or r["date"] > runs[r["tp"]]["date"]:
@@ -73,7 +86,7 @@ def scaling_runs(records: list[dict], device: str, workload: str, model: str, as
     return runs
 
 
-def plot_tp_scaling(records: list[dict], device: str, out: Path) -> tuple[Path, dict]:
+def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Path) -> tuple[Path, dict]:
     """The plot, and per series the fit of cost(t) = a / t + b with its TP=8 prediction."""
     import matplotlib.pyplot as plt
 
@@ -84,7 +97,7 @@ def plot_tp_scaling(records: list[dict], device: str, out: Path) -> tuple[Path, 
     for ax, model in zip(axes[:2], ("llama-3.1-8b", "qwen2.5-32b")):
         base = None
         for mode, color in ((True, "#08519c"), (False, "#6baed6")):
-            runs = scaling_runs(records, device, "W2", model, mode)
+            runs = scaling_runs(records, device, "W2", model, mode, commits)
             if not runs:
                 continue
             tps = sorted(runs)
@@ -110,7 +123,7 @@ def plot_tp_scaling(records: list[dict], device: str, out: Path) -> tuple[Path, 
         ax.set_title(f"W2 {model}, 1000 x 512 in / 256 out")
         ax.legend(fontsize=8)
     lat_ax = axes[2]
-    runs = scaling_runs(records, device, "W3", "llama-3.1-8b", True)
+    runs = scaling_runs(records, device, "W3", "llama-3.1-8b", True, commits)
     if runs:
         tps = sorted(runs)
         values = [runs[t]["seconds_per_request"] for t in tps]
@@ -141,15 +154,17 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--out", default="benchmarks/plots")
     parser.add_argument("--tp-device", default="NVIDIA H200", help="the machine whose TP runs to plot")
+    parser.add_argument("--tp-commits", default="868e554,44d66d7",
+                        help="the commits of that machine's runs (the 4 x H200 runs by default)")
     args = parser.parse_args()
     import matplotlib
 
     matplotlib.use("Agg")
-    records = [json.loads(path.read_text()) for path in Path(args.results).glob("W*.json")]
+    records = [r for path in Path(args.results).glob("W*.json") for r in per_mode(json.loads(path.read_text()))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(plot_vs_vllm(records, out))
-    path, fits = plot_tp_scaling(records, args.tp_device, out)
+    path, fits = plot_tp_scaling(records, args.tp_device, set(args.tp_commits.split(",")), out)
     print(path)
     for name, fit in fits.items():
         print(f"{name}: cost(t) = {fit['shrinking']:.4g} / t + {fit['not_shrinking']:.4g}; predicted speedup "
