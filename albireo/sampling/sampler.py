@@ -19,6 +19,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from albireo import kernels
@@ -117,51 +118,70 @@ class SamplingMetadata:
         cls, rows: list[SamplingRow], vocab_size: int, device: torch.device, num_logprobs: int | None = None
     ) -> SamplingMetadata:
         """`num_logprobs` overrides the batch's largest logprobs count (ranks sampling slices of one
-        batch must all return as many columns)."""
-        device = torch.device(device)
-        params = [row.params for row in rows]
-        greedy = [p.greedy for p in params]
-        all_greedy = all(greedy)
-        all_random = not any(greedy)
+        batch must all return as many columns).
 
-        def floats(values: list[float]) -> torch.Tensor:
+        One pass over the rows gathers their parameters into a table (rows of a batch mostly share
+        one SamplingParams, read once); everything else is numpy over its columns. Only rows with a
+        seed, min_tokens or penalties are visited again.
+        """
+        device = torch.device(device)
+        # Each distinct SamplingParams is read once; rows point at its line of the table.
+        index: dict[int, int] = {}
+        distinct: list[tuple] = []
+        which = np.empty(len(rows), dtype=np.int64)
+        for i, row in enumerate(rows):
+            p = row.params
+            j = index.get(id(p))
+            if j is None:
+                j = index[id(p)] = len(distinct)
+                distinct.append((
+                    p.greedy, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty,
+                    p.presence_penalty, p.seed is not None, -1 if p.logprobs is None else p.logprobs, p.min_tokens,
+                ))
+            which[i] = j
+        table = np.array(distinct, dtype=np.float64).reshape(len(distinct), 11)[which]
+        greedy = table[:, 0] != 0
+        temp, k, top_p_col, min_p_col = table[:, 1], table[:, 2], table[:, 3], table[:, 4]
+        sampled = ~greedy
+        all_greedy, all_random = bool(greedy.all()), not greedy.any()
+
+        def floats(values: np.ndarray) -> torch.Tensor:
             return to_device(values, torch.float32, device)
 
-        temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
+        temperature = floats(np.where(greedy, 1.0, temp))
         greedy_mask = None
         if not all_greedy and not all_random:
             greedy_mask = to_device(greedy, torch.bool, device)
 
         # Filters are irrelevant to greedy rows, so those rows never switch a filter on.
-        sampled = [p for p, g in zip(params, greedy) if not g]
+        uses_top_k = sampled & (k > 0) & (k < vocab_size)
+        uses_top_p, uses_min_p = sampled & (top_p_col < 1.0), sampled & (min_p_col > 0.0)
         top_k = top_p = min_p = None
         max_top_k = vocab_size
-        if any(0 < p.top_k < vocab_size for p in sampled):
-            ks = [
-                p.top_k if 0 < p.top_k < vocab_size and not g else vocab_size for p, g in zip(params, greedy)
-            ]
-            max_top_k = max(k for k in ks if k < vocab_size)
-            top_k = to_device(ks, torch.int64, device)
-        if any(p.top_p < 1.0 for p in sampled):
-            top_p = floats([1.0 if g else p.top_p for p, g in zip(params, greedy)])
-        if any(p.min_p > 0.0 for p in sampled):
-            min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy)])
+        if uses_top_k.any():
+            max_top_k = int(k[uses_top_k].max())
+            top_k = to_device(np.where(uses_top_k, k, vocab_size), torch.int64, device)
+        if uses_top_p.any():
+            top_p = floats(np.where(greedy, 1.0, top_p_col))
+        if uses_min_p.any():
+            min_p = floats(np.where(greedy, 0.0, min_p_col))
 
         repetition_penalty = frequency_penalty = presence_penalty = None
         prompt_token_ids = output_token_ids = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            repetition_penalty = floats([p.repetition_penalty for p in params])
+        if (table[:, 5] != 1.0).any():
+            repetition_penalty = floats(table[:, 5])
             prompt_token_ids = _pad_ids([row.prompt_token_ids for row in rows], vocab_size, device)
-        if any(p.frequency_penalty != 0.0 for p in params):
-            frequency_penalty = floats([p.frequency_penalty for p in params])
-        if any(p.presence_penalty != 0.0 for p in params):
-            presence_penalty = floats([p.presence_penalty for p in params])
+        if (table[:, 6] != 0.0).any():
+            frequency_penalty = floats(table[:, 6])
+        if (table[:, 7] != 0.0).any():
+            presence_penalty = floats(table[:, 7])
         if repetition_penalty is not None or frequency_penalty is not None or presence_penalty is not None:
             output_token_ids = _pad_ids([row.output_token_ids for row in rows], vocab_size, device)
 
         block_rows: list[int] = []
         block_ids: list[int] = []
-        for i, row in enumerate(rows):
+        for i in np.flatnonzero(table[:, 10] > 0).tolist():
+            row = rows[i]
             p = row.params
             if row.num_output_tokens >= p.min_tokens:
                 continue
@@ -179,33 +199,29 @@ class SamplingMetadata:
                 to_device(block_ids, torch.int64, device),
             )
 
+        has_seed = table[:, 8] != 0
+        seeded_rows = np.flatnonzero(has_seed & sampled).tolist()
         generators: dict[int, torch.Generator] = {}
-        for i, (row, g) in enumerate(zip(rows, greedy)):
-            if row.params.seed is not None and not g:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(step_seed(row.params.seed, row.num_output_tokens))
-                generators[i] = gen
+        for i in seeded_rows:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(step_seed(rows[i].params.seed, rows[i].num_output_tokens))
+            generators[i] = gen
 
-        requested = [p.logprobs for p in params if p.logprobs is not None]
-        max_num_logprobs = min(max(requested), vocab_size) if requested else None
+        max_num_logprobs = min(int(table[:, 9].max()), vocab_size) if (table[:, 9] >= 0).any() else None
         if num_logprobs is not None:
             max_num_logprobs = min(num_logprobs, vocab_size)
 
         fused_temperature = fused_seeds = filtered_rows = None
         if device.type == "cuda" and kernels.use_fused and not all_greedy:
-            fused_temperature = floats([0.0 if g else p.temperature for p, g in zip(params, greedy)])
-            fused_seeds = to_device(
-                [step_seed(row.params.seed, row.num_output_tokens) >> 1 if row.params.seed is not None
-                 else random.getrandbits(63) for row in rows],
-                torch.int64,
-                device,
-            )
-            filters = [not g and (0 < p.top_k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0)
-                       for p, g in zip(params, greedy)]
-            if any(filters):
+            fused_temperature = floats(np.where(greedy, 0.0, temp))
+            seeds = [random.getrandbits(63) for _ in rows]
+            for i in np.flatnonzero(has_seed).tolist():
+                seeds[i] = step_seed(rows[i].params.seed, rows[i].num_output_tokens) >> 1
+            fused_seeds = to_device(seeds, torch.int64, device)
+            filters = uses_top_k | uses_top_p | uses_min_p
+            if filters.any():
                 filtered_rows = to_device(filters, torch.bool, device)
 
-        seeded = any(p.seed is not None and not g for p, g in zip(params, greedy))
         return cls(
             vocab_size=vocab_size,
             temperature=temperature,
@@ -227,7 +243,7 @@ class SamplingMetadata:
             fused_temperature=fused_temperature,
             fused_seeds=fused_seeds,
             filtered_rows=filtered_rows,
-            reusable=not seeded and output_token_ids is None and min_tokens_block is None,
+            reusable=not seeded_rows and output_token_ids is None and min_tokens_block is None,
         )
 
 
@@ -237,9 +253,9 @@ def _pad_ids(seqs: list[list[int]], pad_id: int, device: torch.device) -> torch.
     return to_device(padded, torch.int64, device).view(len(seqs), width)
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor; on CUDA through pinned memory, so the copy waits for nothing."""
-    host = torch.tensor(values, dtype=dtype)
+def to_device(values: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list or array as a device tensor; on CUDA through pinned memory, so the copy waits for nothing."""
+    host = torch.as_tensor(values).to(dtype) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
