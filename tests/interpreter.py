@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -57,3 +58,21 @@ def run_in_subprocess(test_file: str) -> None:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+def subprocess_test(test_file: str, in_process: bool):
+    """A kernel test module's stand-in where triton is compiled: re-runs the module in a child
+    process with the interpreter on; skipped where this process runs the module's tests itself.
+    Assign it to a `test_` name in the module."""
+
+    @pytest.mark.skipif(in_process, reason="the tests run in this process")
+    def test_in_interpreter_subprocess():
+        run_in_subprocess(test_file)
+
+    return test_in_interpreter_subprocess
+
+
+def only_interpreted(in_process: bool):
+    """Marks the tests that need this process to run the interpreter."""
+    return pytest.mark.skipif(not in_process, reason="triton is compiled here; the subprocess test runs these")
+

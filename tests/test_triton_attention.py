@@ -21,15 +21,11 @@ IN_PROCESS = interpreter.enable()
 
 from albireo.kernels import reference  # noqa: E402
 
-interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled here; the subprocess test runs these")
+interpreted = interpreter.only_interpreted(IN_PROCESS)
+test_in_interpreter_subprocess = interpreter.subprocess_test(__file__, IN_PROCESS)
 
 if IN_PROCESS:
     from albireo.kernels import triton_attention as ta
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
-def test_in_interpreter_subprocess():
-    interpreter.run_in_subprocess(__file__)
 
 
 # ---------------------------------------------------------------------------------------------

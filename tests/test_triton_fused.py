@@ -18,9 +18,7 @@ from albireo.layers.norm import RMSNorm  # noqa: E402
 from albireo.layers.rotary import RotaryEmbedding  # noqa: E402
 
 
-@pytest.mark.skipif(_IN_PROCESS, reason="this process already runs the interpreter tests")
-def test_in_interpreter_subprocess():
-    interpreter.run_in_subprocess(__file__)
+test_in_interpreter_subprocess = interpreter.subprocess_test(__file__, _IN_PROCESS)
 
 
 @pytest.fixture(scope="module")

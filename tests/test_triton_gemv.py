@@ -15,12 +15,8 @@ IN_PROCESS = interpreter.enable()
 if IN_PROCESS:
     from albireo.kernels.triton_gemv import CONFIGS, gemv
 
-interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled here; the subprocess test runs these")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
-def test_in_interpreter_subprocess():
-    interpreter.run_in_subprocess(__file__)
+interpreted = interpreter.only_interpreted(IN_PROCESS)
+test_in_interpreter_subprocess = interpreter.subprocess_test(__file__, IN_PROCESS)
 
 
 def small(config):

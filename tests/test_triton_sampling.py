@@ -14,12 +14,8 @@ IN_PROCESS = interpreter.enable()
 if IN_PROCESS:
     from albireo.kernels.triton_sampling import gumbel_sample
 
-interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled here; the subprocess test runs these")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
-def test_in_interpreter_subprocess():
-    interpreter.run_in_subprocess(__file__)
+interpreted = interpreter.only_interpreted(IN_PROCESS)
+test_in_interpreter_subprocess = interpreter.subprocess_test(__file__, IN_PROCESS)
 
 
 def seeds(n: int, start: int = 0) -> torch.Tensor:
