@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from albireo.bench.record import EnergyMeter
+from albireo.bench.record import MeasuredRegion
 from albireo.bench.throughput import random_prompts
 from albireo.profiling.step_timeline import DEVICE_PHASES, HOST_PHASES, StepSummary
 from albireo.sampling_params import SamplingParams
@@ -69,24 +69,21 @@ def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, fl
     engine = llm.engine
     prompts = random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    timeline = engine.core.timeline
-    timeline.reset()
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
-    meter = EnergyMeter(engine.config.parallel.tensor_parallel_size)
-    meter.start()
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - start
-    joules = meter.stop()
+    with MeasuredRegion(llm) as region:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    summary = timeline.summary()
+    summary = engine.core.timeline.summary()
+    joules_per_token = region.fields(tokens)["joules_per_output_token"]
     layers = engine.config.arch.num_layers
     engine.shutdown()
     del llm, engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return summary, tokens / elapsed, None if joules is None else joules / tokens, 2 * layers
+    return summary, tokens / elapsed, joules_per_token, 2 * layers
 
 
 def plot(results: dict[str, StepSummary], path: Path) -> None:

@@ -6,7 +6,7 @@ import argparse
 import statistics
 import time
 
-from albireo.bench.record import EnergyMeter, engine_facts
+from albireo.bench.record import MeasuredRegion, engine_facts
 from albireo.bench.throughput import random_prompts
 from albireo.sampling_params import SamplingParams
 
@@ -30,16 +30,12 @@ def run(args: argparse.Namespace, make_llm) -> dict:
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
     for _ in range(args.warmup_iters):
         llm.generate(prompts, params, use_tqdm=False)
-    if engine.core.timeline is not None:
-        engine.core.timeline.reset()
-    meter = EnergyMeter(engine.config.parallel.tensor_parallel_size)
-    meter.start()
     times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        times.append(time.perf_counter() - start)
-    joules = meter.stop()
+    with MeasuredRegion(llm) as region:
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            times.append(time.perf_counter() - start)
     median = statistics.median(times)
     record = {
         **engine_facts(llm, args),
@@ -48,10 +44,8 @@ def run(args: argparse.Namespace, make_llm) -> dict:
         "seconds_per_request": median,
         "seconds_per_request_all": times,
         "ms_per_output_token": median / args.output_len * 1000,
-        "joules_per_output_token": None if joules is None else joules / (args.iters * args.batch_size * args.output_len),
+        **region.fields(args.iters * args.batch_size * args.output_len),
     }
-    if engine.core.timeline is not None:
-        record["step_breakdown"] = engine.core.timeline.summary().as_record()
     print(f"{args.workload}: {median:.3f} s per request (median of {args.iters}), "
           f"{record['ms_per_output_token']:.2f} ms per output token")
     return record

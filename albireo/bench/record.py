@@ -91,3 +91,33 @@ class EnergyMeter:
         if not self.handles:
             return None
         return sum(b - a for a, b in zip(self.start_mj, self._now())) / 1000.0
+
+
+class MeasuredRegion:
+    """The timed part of a benchmark: its energy, and with --profile-steps its per-step breakdown.
+
+        with MeasuredRegion(llm) as region:
+            ... generate ...
+        record.update(region.fields(num_output_tokens))
+    """
+
+    def __init__(self, llm) -> None:
+        self.timeline = llm.engine.core.timeline
+        self.meter = EnergyMeter(llm.engine.config.parallel.tensor_parallel_size)
+        self.joules: float | None = None
+
+    def __enter__(self) -> MeasuredRegion:
+        if self.timeline is not None:
+            self.timeline.reset()  # drop the warm-up's steps
+        self.meter.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.joules = self.meter.stop()
+
+    def fields(self, num_output_tokens: int) -> dict:
+        out = {"joules_per_output_token": None if self.joules is None else self.joules / num_output_tokens}
+        if self.timeline is not None:
+            out["step_breakdown"] = self.timeline.summary().as_record()
+        return out
+

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from albireo.bench.record import EnergyMeter, engine_facts
+from albireo.bench.record import MeasuredRegion, engine_facts
 from albireo.sampling_params import SamplingParams
 
 
@@ -33,15 +33,10 @@ def run(args: argparse.Namespace, make_llm) -> dict:
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.output_len, ignore_eos=True)
     # Warm-up: compile kernels and touch every code path once, outside the timed region.
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    if engine.core.timeline is not None:
-        engine.core.timeline.reset()
-
-    meter = EnergyMeter(engine.config.parallel.tensor_parallel_size)
-    meter.start()
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - start
-    joules = meter.stop()
+    with MeasuredRegion(llm) as region:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        elapsed = time.perf_counter() - start
 
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     record = {
@@ -52,10 +47,8 @@ def run(args: argparse.Namespace, make_llm) -> dict:
         "total_tokens_per_s": (num_out + args.num_prompts * args.input_len) / elapsed,
         "requests_per_s": args.num_prompts / elapsed,
         "num_preemptions": engine.core.scheduler.num_preemptions,
-        "joules_per_output_token": None if joules is None else joules / num_out,
+        **region.fields(num_out),
     }
-    if engine.core.timeline is not None:
-        record["step_breakdown"] = engine.core.timeline.summary().as_record()
     print(f"{args.workload}: {record['output_tokens_per_s']:.1f} output tokens/s, "
           f"{record['requests_per_s']:.2f} requests/s, {elapsed:.2f} s")
     return record
