@@ -49,6 +49,7 @@ class RequestResult:
     start: float = 0.0
     ttft: float = 0.0  # seconds to the first token
     e2e: float = 0.0
+    prompt_tokens: int = 0
     output_tokens: int = 0
     itls: list[float] = field(default_factory=list)  # gaps between streamed chunks
     error: str = ""
@@ -76,6 +77,7 @@ async def _one(client, url: str, body: dict, headers: dict) -> RequestResult:
                     return result
                 now = time.perf_counter()
                 if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     if last is None:
@@ -170,7 +172,8 @@ def run(args: argparse.Namespace) -> tuple[dict, list[RequestResult]]:
         "duration_s": duration,
         "requests_per_s": len(ok) / duration,
         "output_tokens_per_s": out_tokens / duration,
-        "total_tokens_per_s": (out_tokens + len(ok) * args.input_len) / duration,
+        # The server's count: with --dataset the prompts are text of their own lengths.
+        "total_tokens_per_s": (out_tokens + sum(r.prompt_tokens for r in ok)) / duration,
         "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
         "goodput_requests_per_s": len(good) / duration,
         "ttft_ms": latency_summary([r.ttft for r in ok]),
