@@ -95,18 +95,24 @@ class AsyncLLMEngine:
     def _read_outputs(self) -> None:
         loop = self._loop
         assert loop is not None
+        while not self._stop.is_set():
+            try:
+                outputs = self.client.get_outputs(timeout=_READER_POLL_S)
+            except EngineDeadError as e:
+                if not self._stop.is_set():
+                    self._deliver(loop, self._fail_all, e)
+                return
+            if outputs and not self._deliver(loop, self._dispatch, outputs):
+                return
+
+    @staticmethod
+    def _deliver(loop: asyncio.AbstractEventLoop, fn, arg) -> bool:
+        """Hand fn(arg) to the event loop; False when the loop has closed (nobody is left to deliver to)."""
         try:
-            while not self._stop.is_set():
-                try:
-                    outputs = self.client.get_outputs(timeout=_READER_POLL_S)
-                except EngineDeadError as e:
-                    if not self._stop.is_set():
-                        loop.call_soon_threadsafe(self._fail_all, e)
-                    return
-                if outputs:
-                    loop.call_soon_threadsafe(self._dispatch, outputs)
+            loop.call_soon_threadsafe(fn, arg)
         except RuntimeError:
-            pass  # the event loop closed under us: nobody is left to deliver to
+            return False
+        return True
 
     def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
         for out in self.engine.process_outputs(outputs):
