@@ -75,4 +75,3 @@ def subprocess_test(test_file: str, in_process: bool):
 def only_interpreted(in_process: bool):
     """Marks the tests that need this process to run the interpreter."""
     return pytest.mark.skipif(not in_process, reason="triton is compiled here; the subprocess test runs these")
-

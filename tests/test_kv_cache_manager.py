@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from albireo.core.kv_cache_manager import BlockPool, KVCacheManager, hash_block
+from albireo.core.kv_cache_manager import BlockPool, HostBlockPool, KVCacheManager, hash_block
 from albireo.engine.request import Request
 from albireo.sampling_params import SamplingParams
 
@@ -377,8 +377,6 @@ def test_allocate_slots_with_idle_hits_succeeds_when_they_exactly_fit():
 
 
 # --- the host tier -----------------------------------------------------------------------------
-
-from albireo.core.kv_cache_manager import HostBlockPool  # noqa: E402
 
 
 def test_host_pool_hands_out_consecutive_slots_and_overwrites_the_oldest_first():

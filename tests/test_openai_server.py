@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,13 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from albireo.executor.executor import free_port
+
 API_KEY = "sk-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -65,7 +60,7 @@ def _children(pid: int) -> list[int]:
 
 class Server:
     def __init__(self, model: str, *args: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "albireo.entrypoints.cli", "serve", model, "--port", str(self.port),
                "--device", "cpu", "--cpu-kv-cache-gb", "0.02", "--max-model-len", "256", "--log-level", "warning",

@@ -119,10 +119,9 @@ def test_logprobs_hold_the_sampled_token_and_top_k(llm):
                         rel_tol=1e-5)
 
 
-def test_request_ids_reused_with_other_parameters_get_their_own_sampling(tiny_model):
+def test_request_ids_reused_with_other_parameters_get_their_own_sampling(llm):
     """The runner reuses a batch's sampling metadata while the same requests sample; ids that come
     back (a caller's own ids) with other parameters must not inherit the old ones."""
-    llm = LLM(tiny_model("llama"))
     engine = llm.engine
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     expected = tokens(llm, PROMPTS[:2], greedy)

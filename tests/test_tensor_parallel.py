@@ -8,6 +8,7 @@ import pytest
 
 from albireo import LLM, SamplingParams
 from albireo.executor.executor import WorkerDiedError
+from albireo.profiling.worker_profile import ENV
 from conftest import TINY_MODELS, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -71,7 +72,7 @@ def test_a_killed_worker_fails_the_engine_with_its_rank_and_leaves_no_process(ti
 
 def test_rank0_profiles_the_steps_asked_for_through_the_environment(tiny_model, tmp_path, monkeypatch):
     table = tmp_path / "rank0.txt"
-    monkeypatch.setenv("ALBIREO_PROFILE_WORKER", f"2:3:{table}")
+    monkeypatch.setenv(ENV, f"2:3:{table}")
     llm = LLM(tiny_model("llama"), tensor_parallel_size=2)
     try:
         llm.generate(random_prompts(2, seed=1), GREEDY, use_tqdm=False)

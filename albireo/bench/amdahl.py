@@ -32,6 +32,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allreduce-us", type=float, default=18.0,
                         help="latency of one all-reduce inside a CUDA graph (BENCHMARKS.md: ~18 us on H100 x2)")
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.set_defaults(profile_steps=True)  # the breakdown is what this bench reports
 
 
 def _prediction(step: dict[int, float]) -> dict:
@@ -75,8 +76,7 @@ def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, fl
         outputs = llm.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    summary = engine.core.timeline.summary()
-    joules_per_token = region.fields(tokens)["joules_per_output_token"]
+    summary, joules_per_token = region.summary(), region.joules_per(tokens)
     layers = engine.config.arch.num_layers
     engine.shutdown()
     del llm, engine

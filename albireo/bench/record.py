@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from albireo import kernels
+
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -39,7 +41,7 @@ def engine_facts(llm, args) -> dict:
         "cuda_graphs": config.device == "cuda" and not config.enforce_eager,
         "fused_kernels": config.fused_kernels,
         # Programmatic dependent launch (albireo/kernels/pdl.py), switched off by ALBIREO_PDL=0.
-        "pdl": config.device == "cuda" and os.environ.get("ALBIREO_PDL", "1") != "0",
+        "pdl": config.device == "cuda" and kernels.use_pdl,
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,
@@ -115,9 +117,15 @@ class MeasuredRegion:
     def __exit__(self, *exc) -> None:
         self.joules = self.meter.stop()
 
-    def fields(self, num_output_tokens: int) -> dict:
-        out = {"joules_per_output_token": None if self.joules is None else self.joules / num_output_tokens}
-        if self.timeline is not None:
-            out["step_breakdown"] = self.timeline.summary().as_record()
-        return out
+    def joules_per(self, num_output_tokens: int) -> float | None:
+        return None if self.joules is None else self.joules / num_output_tokens
 
+    def summary(self):
+        """The region's StepSummary (needs --profile-steps)."""
+        return self.timeline.summary()
+
+    def fields(self, num_output_tokens: int) -> dict:
+        out = {"joules_per_output_token": self.joules_per(num_output_tokens)}
+        if self.timeline is not None:
+            out["step_breakdown"] = self.summary().as_record()
+        return out

@@ -282,8 +282,6 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--model-name", default=None, help="the shape's name in the record (default: the model path's)")
         add_engine_args(p)
         p.set_defaults(func=cmd_bench, skip_tokenizer_init=True)
-        if name == "amdahl":
-            p.set_defaults(profile_steps=True)
     from albireo.bench import serve as bench_serve
 
     p = bench_sub.add_parser("serve", help="online serving (Poisson arrivals) against an OpenAI-compatible URL")

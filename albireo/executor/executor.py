@@ -46,7 +46,7 @@ class UniProcExecutor:
         pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -58,7 +58,7 @@ class MultiProcExecutor:
         self.world_size = par.tensor_parallel_size
         self.remote: RemoteNodes | None = None
         if par.nnodes == 1:
-            rendezvous = Rendezvous("127.0.0.1", _free_port())
+            rendezvous = Rendezvous("127.0.0.1", free_port())
         else:
             if par.node_rank != 0:
                 raise ValueError(

@@ -12,15 +12,12 @@ reads and writes strictly after the one before it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-# The A/B switch: ALBIREO_PDL=0 launches every kernel the ordinary way.
-use_pdl = os.environ.get("ALBIREO_PDL", "1") != "0"
+from albireo import kernels
 
 _capable: dict[int, bool] = {}
 
@@ -33,8 +30,8 @@ def wait_for_previous(PDL: tl.constexpr):
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """Whether kernels on x's device launch with PDL (Hopper or newer, CUDA, switch on)."""
-    if not (use_pdl and x.is_cuda):
+    """Whether kernels on x's device launch with PDL (Hopper or newer, CUDA, kernels.use_pdl on)."""
+    if not (kernels.use_pdl and x.is_cuda):
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _capable:

@@ -59,30 +59,29 @@ class Attention(nn.Module):
         """q [T, Hq, D], k and v [T, Hk, D] -> [T, Hq * D].
 
         With rotary (a RotaryEmbedding), q and k are first rotated by their positions [T]; on CUDA
-        one kernel then rotates them and stores k and v in the cache.
+        with fused kernels one launch rotates them and stores k and v in the cache.
         """
         if meta.before_attention is not None:
             meta.before_attention(self.layer_idx)
-        if rotary is not None and kernels.fused_on(q):
-            from albireo.kernels.triton_fused import apply_rotary
-
-            apply_rotary(positions, q, k, rotary.cos, rotary.sin,
-                         store_kv=(v, self.k_cache, self.v_cache, meta.slot_mapping))
-        else:
-            if rotary is not None:
-                q, k = rotary(positions, q, k)
-            write_kv = reference.write_kv
-            if q.is_cuda:
-                from albireo.kernels.triton_attention import write_kv
-            write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        rotate_and_store = rotary is not None and kernels.fused_on(q)
+        if rotary is not None and not rotate_and_store:
+            q, k = rotary(positions, q, k)
         if q.is_cuda:
             from albireo.kernels import triton_attention
 
+            if rotate_and_store:
+                from albireo.kernels.triton_fused import apply_rotary
+
+                apply_rotary(positions, q, k, rotary.cos, rotary.sin,
+                             store_kv=(v, self.k_cache, self.v_cache, meta.slot_mapping))
+            else:
+                triton_attention.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             out = triton_attention.paged_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                 self.scale, meta.max_query_len,
             )
         else:
+            reference.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             out = reference.paged_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc_cpu, meta.seq_lens_cpu,
                 self.scale,

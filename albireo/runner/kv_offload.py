@@ -52,7 +52,8 @@ def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _timer(stream=None) -> torch.cuda.Event:
+def timing_event(stream=None) -> torch.cuda.Event:
+    """A timing event recorded now on `stream` (the current one by default)."""
     event = torch.cuda.Event(enable_timing=True)
     event.record(stream)
     return event
@@ -74,7 +75,7 @@ class LoadStep:
     def issue(self, layer: int) -> None:
         tier = self.tier
         with tier.copy_stream():
-            start = _timer() if self.trace_start is not None else None
+            start = timing_event() if self.trace_start is not None else None
             tier.load_layer(layer, self.chunks)
             if tier.on_gpu:
                 event = torch.cuda.Event(enable_timing=start is not None)
@@ -90,9 +91,9 @@ class LoadStep:
         if layer + 1 < self.tier.kv_cache.shape[0]:
             self.issue(layer + 1)
         if self.tier.on_gpu:
-            before = _timer()
+            before = timing_event()
             torch.cuda.current_stream().wait_event(self.ready[layer])
-            self.waits.append((before, _timer()))
+            self.waits.append((before, timing_event()))
 
 
 class HostKVTier:
@@ -138,7 +139,7 @@ class HostKVTier:
         step = LoadStep(self, chunks, later)
         if self.on_gpu and self.trace_next:
             self.trace_next = False
-            step.trace_start = _timer(self.stream)
+            step.trace_start = timing_event(self.stream)
         step.issue(0)
         return step
 

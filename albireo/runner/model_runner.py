@@ -21,7 +21,7 @@ from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.layers.attention import AttentionMetadata
 from albireo.model.loader import build_model
 from albireo.runner.input_batch import InputBatch, RunnerRequest
-from albireo.runner.kv_offload import HostKVTier, LoadStep
+from albireo.runner.kv_offload import HostKVTier, LoadStep, timing_event
 from albireo.distributed.parallel_state import tp_size
 from albireo.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, to_device
 from albireo.sampling.seq_parallel import seq_parallel_sample
@@ -361,9 +361,7 @@ class ModelRunner:
     def _mark(self):
         if self.device.type != "cuda":
             return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        return timing_event()
 
     def _device_times(self, marks: list) -> dict[str, float]:
         start, forward_end, end = marks

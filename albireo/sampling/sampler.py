@@ -27,6 +27,19 @@ from albireo.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 
+# The per-row parameters SamplingMetadata.build reads, one column each of its table.
+_COLUMNS = (
+    "greedy", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+    "presence_penalty", "seeded", "logprobs", "min_tokens",
+)
+
+
+def _columns_of(p: SamplingParams) -> tuple:
+    return (
+        p.greedy, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty,
+        p.presence_penalty, p.seed is not None, -1 if p.logprobs is None else p.logprobs, p.min_tokens,
+    )
+
 
 @dataclass
 class SamplingRow:
@@ -134,14 +147,12 @@ class SamplingMetadata:
             j = index.get(id(p))
             if j is None:
                 j = index[id(p)] = len(distinct)
-                distinct.append((
-                    p.greedy, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty,
-                    p.presence_penalty, p.seed is not None, -1 if p.logprobs is None else p.logprobs, p.min_tokens,
-                ))
+                distinct.append(_columns_of(p))
             which[i] = j
-        table = np.array(distinct, dtype=np.float64).reshape(len(distinct), 11)[which]
-        greedy = table[:, 0] != 0
-        temp, k, top_p_col, min_p_col = table[:, 1], table[:, 2], table[:, 3], table[:, 4]
+        table = np.array(distinct, dtype=np.float64).reshape(len(distinct), len(_COLUMNS))[which]
+        col = dict(zip(_COLUMNS, table.T))
+        greedy = col["greedy"] != 0
+        temp, k, top_p_col, min_p_col = col["temperature"], col["top_k"], col["top_p"], col["min_p"]
         sampled = ~greedy
         all_greedy, all_random = bool(greedy.all()), not greedy.any()
 
@@ -168,19 +179,19 @@ class SamplingMetadata:
 
         repetition_penalty = frequency_penalty = presence_penalty = None
         prompt_token_ids = output_token_ids = None
-        if (table[:, 5] != 1.0).any():
-            repetition_penalty = floats(table[:, 5])
+        if (col["repetition_penalty"] != 1.0).any():
+            repetition_penalty = floats(col["repetition_penalty"])
             prompt_token_ids = _pad_ids([row.prompt_token_ids for row in rows], vocab_size, device)
-        if (table[:, 6] != 0.0).any():
-            frequency_penalty = floats(table[:, 6])
-        if (table[:, 7] != 0.0).any():
-            presence_penalty = floats(table[:, 7])
+        if (col["frequency_penalty"] != 0.0).any():
+            frequency_penalty = floats(col["frequency_penalty"])
+        if (col["presence_penalty"] != 0.0).any():
+            presence_penalty = floats(col["presence_penalty"])
         if repetition_penalty is not None or frequency_penalty is not None or presence_penalty is not None:
             output_token_ids = _pad_ids([row.output_token_ids for row in rows], vocab_size, device)
 
         block_rows: list[int] = []
         block_ids: list[int] = []
-        for i in np.flatnonzero(table[:, 10] > 0).tolist():
+        for i in np.flatnonzero(col["min_tokens"] > 0).tolist():
             row = rows[i]
             p = row.params
             if row.num_output_tokens >= p.min_tokens:
@@ -199,7 +210,7 @@ class SamplingMetadata:
                 to_device(block_ids, torch.int64, device),
             )
 
-        has_seed = table[:, 8] != 0
+        has_seed = col["seeded"] != 0
         seeded_rows = np.flatnonzero(has_seed & sampled).tolist()
         generators: dict[int, torch.Generator] = {}
         for i in seeded_rows:
@@ -207,7 +218,8 @@ class SamplingMetadata:
             gen.manual_seed(step_seed(rows[i].params.seed, rows[i].num_output_tokens))
             generators[i] = gen
 
-        max_num_logprobs = min(int(table[:, 9].max()), vocab_size) if (table[:, 9] >= 0).any() else None
+        logprobs = col["logprobs"]
+        max_num_logprobs = min(int(logprobs.max()), vocab_size) if (logprobs >= 0).any() else None
         if num_logprobs is not None:
             max_num_logprobs = min(num_logprobs, vocab_size)
 

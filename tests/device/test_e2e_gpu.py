@@ -39,13 +39,13 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model, name):
 def test_programmatic_dependent_launch_gives_the_same_tokens(tiny_model, dtype, monkeypatch):
     """PDL only moves kernel launches earlier: the tokens must be bit-identical with it off, for a
     batch-1 request (the GEMV path in bf16) and a batch of several."""
-    from albireo.kernels import pdl
+    from albireo import kernels
 
     path = tiny_model("llama")
     prompts = random_prompts(6, seed=12)
     runs = []
     for on in (True, False):
-        monkeypatch.setattr(pdl, "use_pdl", on)
+        monkeypatch.setattr(kernels, "use_pdl", on)
         llm = LLM(path, dtype=dtype, gpu_memory_utilization=0.3)
         alone = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
         batch = llm.generate(prompts, GREEDY, use_tqdm=False)
