@@ -131,3 +131,25 @@ def test_core_death_fails_pending_requests(tiny_model):
     finally:
         engine.shutdown()
     assert not engine.client.proc.is_alive()
+
+
+def test_unreadable_core_output_fails_pending_requests(tiny_model, monkeypatch):
+    """Any error reading the core's outputs (not only its death) ends the request with an error
+    instead of leaving it waiting forever."""
+    engine = AsyncLLMEngine(_config(tiny_model()))
+    try:
+        async def garbled_mid_request():
+            gen = engine.generate("x", "The quick", SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+            await gen.__anext__()
+
+            def garbled(timeout=None):
+                raise ValueError("cannot decode message")
+
+            monkeypatch.setattr(engine.client, "get_outputs", garbled)
+            with pytest.raises(EngineDeadError, match="cannot decode message"):
+                async for _ in gen:
+                    pass
+
+        _run(engine, asyncio.wait_for(garbled_mid_request(), 30))
+    finally:
+        engine.shutdown()

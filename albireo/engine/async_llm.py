@@ -98,9 +98,10 @@ class AsyncLLMEngine:
         while not self._stop.is_set():
             try:
                 outputs = self.client.get_outputs(timeout=_READER_POLL_S)
-            except EngineDeadError as e:
+            except Exception as e:  # the core is gone, or its messages cannot be read: nothing more will come
                 if not self._stop.is_set():
-                    self._deliver(loop, self._fail_all, e)
+                    dead = e if isinstance(e, EngineDeadError) else EngineDeadError(f"reading the engine's outputs failed: {e!r}")
+                    self._deliver(loop, self._fail_all, dead)
                 return
             if outputs and not self._deliver(loop, self._dispatch, outputs):
                 return
