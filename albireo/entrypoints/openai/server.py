@@ -47,10 +47,14 @@ class APIError(Exception):
         self.headers = headers
 
 
+def _error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def _error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
                     headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 def _bad_value(e: ValueError) -> APIError:
@@ -73,40 +77,40 @@ def _version() -> str:
 # ---- output shapes --------------------------------------------------------------------------------
 
 
-def _chat_logprobs(engine: AsyncLLMEngine, entries: list[dict], k: int) -> list[dict]:
+def _ranked(entry: dict, k: int) -> tuple[tuple[str, float], list[tuple[str, float]]]:
+    """One position's logprobs as (text, logprob): the sampled token (an entry's first item), and
+    the k most likely by rank."""
+    def text_and_logprob(item) -> tuple[str, float]:
+        token_id, lp = item
+        return (lp.decoded_token if lp.decoded_token is not None else f"token_id:{token_id}"), lp.logprob
+
+    top = sorted(entry.items(), key=lambda kv: kv[1].rank)[:k]
+    return text_and_logprob(next(iter(entry.items()))), [text_and_logprob(item) for item in top]
+
+
+def _chat_logprobs(entries: list[dict], k: int) -> list[dict]:
     content = []
     for entry in entries:
-        (tid, chosen), *_ = entry.items()  # the sampled token comes first
-        top = sorted(entry.items(), key=lambda kv: kv[1].rank)[:k]
+        (text, logprob), top = _ranked(entry, k)
         content.append({
-            "token": _token_text(engine, tid, chosen.decoded_token),
-            "logprob": chosen.logprob,
-            "bytes": list(_token_text(engine, tid, chosen.decoded_token).encode()),
-            "top_logprobs": [
-                {"token": _token_text(engine, t, lp.decoded_token), "logprob": lp.logprob,
-                 "bytes": list(_token_text(engine, t, lp.decoded_token).encode())}
-                for t, lp in top
-            ],
+            "token": text,
+            "logprob": logprob,
+            "bytes": list(text.encode()),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
         })
     return content
 
 
-def _completion_logprobs(engine: AsyncLLMEngine, entries: list[dict], k: int, offset: int) -> dict:
+def _completion_logprobs(entries: list[dict], k: int, offset: int) -> dict:
     tokens, token_lps, tops, offsets = [], [], [], []
     for entry in entries:
-        (tid, chosen), *_ = entry.items()
-        text = _token_text(engine, tid, chosen.decoded_token)
+        (text, logprob), top = _ranked(entry, k)
         tokens.append(text)
-        token_lps.append(chosen.logprob)
-        tops.append({_token_text(engine, t, lp.decoded_token): lp.logprob
-                     for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank)[:k]})
+        token_lps.append(logprob)
+        tops.append(dict(top))
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _token_text(engine: AsyncLLMEngine, token_id: int, decoded: str | None) -> str:
-    return decoded if decoded is not None else f"token_id:{token_id}"
 
 
 def _usage(outs: list[RequestOutput]) -> dict:
@@ -238,7 +242,7 @@ class OpenAIServer:
         k = req.logprobs or 0
 
         def choice(i: int, c: CompletionOutput, text: str, entries: list | None, offset: int) -> dict:
-            lps = None if entries is None else _completion_logprobs(self.engine, entries, k, offset)
+            lps = None if entries is None else _completion_logprobs(entries, k, offset)
             return {"index": i * params.n + c.index, "text": text, "logprobs": lps,
                     "finish_reason": c.finish_reason if c.finished else None, "stop_reason": c.stop_reason}
 
@@ -298,7 +302,7 @@ class OpenAIServer:
         final = (await self._collect(self._run([prompt], params, False), raw))[0]
         choices = [
             {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": None if c.logprobs is None else {"content": _chat_logprobs(self.engine, c.logprobs, k)},
+             "logprobs": None if c.logprobs is None else {"content": _chat_logprobs(c.logprobs, k)},
              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             for c in final.outputs
         ]
@@ -319,7 +323,7 @@ class OpenAIServer:
                     continue
                 lps = None
                 if c.logprobs is not None:
-                    lps = {"content": _chat_logprobs(self.engine, c.logprobs[toks:], k)}
+                    lps = {"content": _chat_logprobs(c.logprobs[toks:], k)}
                 if len(c.text) == chars and not c.finished and lps is None:
                     continue  # tokens that do not make text yet (part of a UTF-8 character)
                 delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
@@ -337,15 +341,15 @@ class OpenAIServer:
                 async for chunk in chunks:
                     yield f"data: {json.dumps(chunk)}\n\n"
             except APIError as e:
-                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+                yield f"data: {json.dumps(_error_body(e.message, e.type, e.param, e.code))}\n\n"
             except ValueError as e:
                 err = _bad_value(e)
-                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': err.param, 'code': None}})}\n\n"
+                yield f"data: {json.dumps(_error_body(err.message, err.type, err.param))}\n\n"
             except EngineDeadError as e:
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'ServiceUnavailableError', 'param': None, 'code': None}})}\n\n"
+                yield f"data: {json.dumps(_error_body(str(e), 'ServiceUnavailableError'))}\n\n"
             except Exception:
                 logger.exception("streaming request failed")
-                yield f"data: {json.dumps({'error': {'message': 'internal server error', 'type': 'InternalServerError', 'param': None, 'code': None}})}\n\n"
+                yield f"data: {json.dumps(_error_body('internal server error', 'InternalServerError'))}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
