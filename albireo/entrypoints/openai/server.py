@@ -148,9 +148,11 @@ class OpenAIServer:
             )
 
     def _prepare(self, prompts: list[str | list[int]], params: SamplingParams, add_special_tokens: bool,
-                 param: str = "prompt") -> None:
-        """Validate every prompt before any starts, so errors come back as a 400, not mid-stream."""
+                 param: str = "prompt") -> list[list[int]]:
+        """Tokenize and validate every prompt before any starts, so errors come back as a 400, not
+        mid-stream; returns their token ids, which the requests then run on."""
         engine = self.engine.engine
+        prompt_ids = []
         for prompt in prompts:
             if isinstance(prompt, str):
                 try:  # JSON's \ud800 escapes decode to lone surrogates, which the tokenizer rejects with a TypeError
@@ -159,15 +161,17 @@ class OpenAIServer:
                     raise APIError(400, f"{param} is not valid Unicode text: {e.reason} at character {e.start}",
                                    "BadRequestError", param) from None
             try:
-                engine.validate(engine.tokenize(prompt, add_special_tokens), params)
+                prompt_ids.append(engine.tokenize(prompt, add_special_tokens))
+                engine.validate(prompt_ids[-1], params)
             except ValueError as e:
                 raise _bad_value(e) from None
+        return prompt_ids
 
     # -- running requests --
 
-    async def _run(self, prompts: list, params: SamplingParams, add_special_tokens: bool,
-                   ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run all prompts concurrently; yields (prompt index, its output so far) as they change."""
+    async def _run(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run all prompts (token ids from `_prepare`) concurrently; yields (prompt index, its output
+        so far) as they change."""
         queue: asyncio.Queue = asyncio.Queue()
         base = uuid.uuid4().hex
 
@@ -175,7 +179,7 @@ class OpenAIServer:
             timer = RequestTimer(self.metrics)
             last = None
             try:
-                async for out in self.engine.generate(f"{base}-{i}", prompt, params, add_special_tokens):
+                async for out in self.engine.generate(f"{base}-{i}", prompt, params):
                     timer.update(out)
                     last = out
                     await queue.put((i, out))
@@ -237,7 +241,7 @@ class OpenAIServer:
         if not prompts:
             raise APIError(400, "prompt must not be empty", "BadRequestError", "prompt")
         self._check_capacity()
-        self._prepare(prompts, params, True)
+        prompts = self._prepare(prompts, params, True)
         rid, model = f"cmpl-{uuid.uuid4().hex}", req.model or self.model_names[0]
         k = req.logprobs or 0
 
@@ -249,7 +253,7 @@ class OpenAIServer:
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
         if req.stream:
             return self._sse(self._stream_completion(prompts, params, base, choice, req))
-        finals = await self._collect(self._run(prompts, params, True), raw)
+        finals = await self._collect(self._run(prompts, params), raw)
         outs = [finals[i] for i in range(len(prompts))]
         choices = [choice(i, c, c.text, c.logprobs, 0) for i, o in enumerate(outs) for c in o.outputs]
         return JSONResponse({**base, "choices": choices, "usage": _usage(outs)})
@@ -258,7 +262,7 @@ class OpenAIServer:
         sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (chars, tokens) sent
         done: set[tuple[int, int]] = set()
         finals: dict[int, RequestOutput] = {}
-        async for i, out in self._run(prompts, params, True):
+        async for i, out in self._run(prompts, params):
             finals[i] = out
             for c in out.outputs:
                 key = (i, c.index)
@@ -293,13 +297,13 @@ class OpenAIServer:
             raise APIError(400, f"the chat template failed on these messages: {e}", "BadRequestError", "messages")
         self._check_capacity()
         # The template spells out BOS and the other special tokens itself.
-        self._prepare([prompt], params, False, param="messages")
+        [prompt] = self._prepare([prompt], params, False, param="messages")
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", req.model or self.model_names[0]
         k = req.top_logprobs or 0
         base = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
         if req.stream:
             return self._sse(self._stream_chat(prompt, params, {**base, "object": "chat.completion.chunk"}, k, req))
-        final = (await self._collect(self._run([prompt], params, False), raw))[0]
+        final = (await self._collect(self._run([prompt], params), raw))[0]
         choices = [
             {"index": c.index, "message": {"role": "assistant", "content": c.text},
              "logprobs": None if c.logprobs is None else {"content": _chat_logprobs(c.logprobs, k)},
@@ -315,7 +319,7 @@ class OpenAIServer:
         sent: dict[int, tuple[int, int]] = {}
         done: set[int] = set()
         final = None
-        async for _, out in self._run([prompt], params, False):
+        async for _, out in self._run([prompt], params):
             final = out
             for c in out.outputs:
                 chars, toks = sent.get(c.index, (0, 0))
