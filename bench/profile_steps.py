@@ -47,7 +47,9 @@ def main() -> None:
               max_num_batched_tokens=args.max_num_batched_tokens, skip_tokenizer_init=True,
               tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
-    llm.generate(random_prompts(4, 16, engine.config.arch.vocab_size), SamplingParams(max_tokens=4), use_tqdm=False)
+    # Four steps (a prefill and three decodes), which the worker's profile skips.
+    llm.generate(random_prompts(4, 16, engine.config.arch.vocab_size), SamplingParams(max_tokens=4, ignore_eos=True),
+                 use_tqdm=False)
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     for i, prompt in enumerate(random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)):
         engine.add_request(f"p{i}", prompt, params)
@@ -55,8 +57,6 @@ def main() -> None:
         engine.step()
     torch.cuda.synchronize()
     if worker_table is not None:
-        for _ in range(args.steps + 2):
-            engine.step()
         while engine.has_unfinished_requests():
             engine.step()
         llm.engine.shutdown()

@@ -4,9 +4,8 @@
 #   source tests/device/setup.sh; bash bench/run_tp2.sh OUT_DIR
 set -uo pipefail
 out=$1
-python3 -m pytest -q tests/device/test_e2e_gpu.py -k tp2 2>&1 | tail -3
+python3 -m pytest -q tests/device/test_e2e_gpu.py -k "several_gpus and not 4-" 2>&1 | tail -3
 bash bench/run_workloads.sh "$out" W3 W2
 EXTRA="--tensor-parallel-size 2" bash bench/run_workloads.sh "$out" W3 W2
 EXTRA="--tensor-parallel-size 2 --tp-sampling all_gather" bash bench/run_workloads.sh "$out" W2
-python3 -m albireo.entrypoints.cli bench amdahl --model benchmarks/models/llama-3.2-1b --load-format dummy \
-  --max-model-len 2048 --max-num-seqs 1024 --max-num-batched-tokens 16384 --out-dir "$out" 2>&1 | grep -v "it/s\]" | tail -6
+bash bench/run_workloads.sh "$out" W5-amdahl

@@ -19,24 +19,22 @@ w2() {  # w2 MODEL TP EXTRA_FLAGS...
     --max-num-seqs 512 --max-num-batched-tokens 16384 --load-format dummy --max-model-len 2048 \
     --profile-steps --out-dir "$out" "${@:3}"
 }
+w3() {  # w3 TP EXTRA_FLAGS...
+  run 150 python3 -m albireo.entrypoints.cli bench latency --workload W3 --model benchmarks/models/llama-3.1-8b \
+    --tensor-parallel-size "$1" --batch-size 1 --input-len 128 --output-len 256 --iters 5 --max-num-seqs 8 \
+    --load-format dummy --max-model-len 2048 --profile-steps --out-dir "$out" "${@:2}"
+}
 case $stage in
   correctness)
     nvidia-smi topo -m | head -8
     run 240 python3 -m pytest -q tests/device/test_e2e_gpu.py -k several_gpus
     run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
-    for t in $degrees; do
-      run 150 python3 -m albireo.entrypoints.cli bench latency --workload W3 --model benchmarks/models/llama-3.1-8b \
-        --tensor-parallel-size "$t" --batch-size 1 --input-len 128 --output-len 256 --iters 5 --max-num-seqs 8 \
-        --load-format dummy --max-model-len 2048 --profile-steps --out-dir "$out"
-    done ;;
+    for t in $degrees; do w3 "$t"; done ;;
   symm)
     run 240 python3 -m pytest -q tests/device/test_symm_all_reduce.py tests/device/test_e2e_gpu.py -k symm
     run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
-    for t in "1" "2" "4" "2 --all-reduce nccl"; do
-      run 150 python3 -m albireo.entrypoints.cli bench latency --workload W3 --model benchmarks/models/llama-3.1-8b \
-        --tensor-parallel-size $t --batch-size 1 --input-len 128 --output-len 256 --iters 5 --max-num-seqs 8 \
-        --load-format dummy --max-model-len 2048 --profile-steps --out-dir "$out"
-    done
+    for t in 1 2 4; do w3 "$t"; done
+    w3 2 --all-reduce nccl
     for t in 1 2 4; do w2 llama-3.1-8b "$t"; done
     w2 llama-3.1-8b 2 --all-reduce nccl ;;
   w2-8b)
@@ -52,7 +50,6 @@ case $stage in
     done ;;
   extra)
     NUM_PROMPTS=200 w2 qwen2.5-32b 1
-    run 200 python3 -m albireo.entrypoints.cli bench amdahl --model benchmarks/models/llama-3.2-1b --load-format dummy \
-      --max-model-len 2048 --max-num-seqs 1024 --max-num-batched-tokens 16384 --out-dir "$out"
+    bash bench/run_workloads.sh "$out" W5-amdahl
     run 120 python3 bench/seq_parallel_sampling.py --tp 1 2 4 --batch 256 --out "$out/seq-parallel-sampling.json" ;;
 esac

@@ -25,12 +25,12 @@ import os
 import pickle
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
+from albireo.bench.record import git_commit
 from albireo.core.scheduler import CachedRequestData, SchedulerOutput
 from albireo.executor.shm_ring import ShmRing, decode_plan, encode_plan
 
@@ -172,14 +172,6 @@ def time_codec(plans: list[SchedulerOutput], repeats: int) -> dict:
     }
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1,64,512", help="running decode sequences per plan")
@@ -234,7 +226,7 @@ def main() -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "numpy": np.__version__,
-            "commit": _commit(),
+            "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "steps": args.steps,
             "warmup": args.warmup,
