@@ -6,7 +6,7 @@ each step, hundreds of times a second. Two pieces make that cheap:
 `encode_plan` / `decode_plan`
     A plan becomes one flat buffer: a fixed header of counts, then int32 arrays. All request ids
     of the plan travel as one UTF-8 blob (joined by NUL when no id contains one, so decoding is a
-    single `str.split`) plus an offsets array. A decode-only step is nothing but ids and integers,
+    single `str.split`; otherwise with an offsets array). A decode-only step is nothing but ids and integers,
     with no pickle. `SamplingParams` of new requests (rare: a request joins or resumes) are
     pickled, all of one plan in one pickle. The trade-off: pickle follows every field of the
     dataclass (stop strings, seed, logprobs, fields added later) without a second schema to keep in
@@ -55,8 +55,8 @@ __all__ = [
 # 4 bytes, so each int32 array is aligned.
 #
 #   header            _PLAN_HEADER: magic, version, flags and the counts below
-#   id offsets        int32[n_ids + 1]: byte offset where each id starts in the blob; the last entry
-#                     is where an id after the last one would start
+#   id offsets        only without _F_NUL_SEP: int32[n_ids + 1], byte offset where each id starts in
+#                     the blob; the last entry is where an id after the last one would start
 #   id blob           utf-8, ids joined by b"\0" (flag _F_NUL_SEP) or simply concatenated (when an id
 #                     contains a NUL itself), padded to 4 bytes
 #   cached            int32[n_cached] num_computed_tokens, int32[n_cached] number of new block ids
@@ -75,7 +75,7 @@ __all__ = [
 # produces, so usually no id is sent twice), then finished ids in the set's iteration order.
 
 _PLAN_MAGIC = b"ALBP"
-_PLAN_VERSION = 1
+_PLAN_VERSION = 2
 # magic, version, flags, n_cached, n_new, n_sched, n_finished, n_ids, blob_len, n_cached_blocks
 _PLAN_HEADER = struct.Struct("=4sHHIIIIIII")
 # totals of prompt, output, eos and block ids of the new requests, then the pickle's length
@@ -99,23 +99,11 @@ def _pad4(n: int) -> int:
     return -n % 4
 
 
-def _encode_ids(ids: list[str]) -> tuple[int, array, bytes]:
-    """(flags, offsets, blob) of the id table."""
-    n = len(ids)
-    if n == 0:
-        return _F_NUL_SEP, array(_I32, [0]), b""
+def _encode_ids(ids: list[str]) -> tuple[int, array | bytes, bytes]:
+    """(flags, offsets, blob) of the id table; NUL-separated ids need no offsets."""
     text = "\0".join(ids)
-    if text.count("\0") == n - 1:
-        blob = text.encode()
-        if len(blob) == len(text) and n <= _SMALL:  # ASCII: character offsets are byte offsets
-            offsets = array(_I32, accumulate([len(s) + 1 for s in ids], initial=0))
-        else:
-            offsets = array(_I32, bytes(4 * (n + 1)))
-            cut = np.frombuffer(offsets, dtype=np.int32)
-            cut[1:n] = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0) + 1
-            cut[n] = len(blob) + 1
-            del cut
-        return _F_NUL_SEP, offsets, blob
+    if text.count("\0") == len(ids) - 1 or not ids:
+        return _F_NUL_SEP, b"", text.encode()
     # An id contains a NUL: plain concatenation, cut by the offsets.
     parts = [s.encode() for s in ids]
     return 0, array(_I32, accumulate([len(p) for p in parts], initial=0)), b"".join(parts)
@@ -236,9 +224,9 @@ def _decode(mv: memoryview) -> SchedulerOutput:
     magic, version, flags, nc, nn, ns, nf, n_ids, blob_len, n_blocks = _PLAN_HEADER.unpack_from(mv, 0)
     if magic != _PLAN_MAGIC or version != _PLAN_VERSION:
         raise ValueError(f"not an encoded plan of version {_PLAN_VERSION}: {bytes(magic)!r} v{version}")
-    if mv.nbytes < _PLAN_HEADER.size + 4 * (n_ids + 1) + blob_len + 4 * (2 * nc + n_blocks + ns):
+    pos = _PLAN_HEADER.size + (0 if flags & _F_NUL_SEP else 4 * (n_ids + 1))  # after the offsets
+    if mv.nbytes < pos + blob_len + 4 * (2 * nc + n_blocks + ns):
         raise ValueError("encoded plan is truncated")
-    pos = _PLAN_HEADER.size + 4 * (n_ids + 1)  # offsets: not needed when the ids are NUL-separated
     if n_ids == 0:
         ids: list[str] = []
     elif flags & _F_NUL_SEP:
