@@ -90,7 +90,7 @@ class MultiProcExecutor:
         try:
             status, value = conn.recv()
         except EOFError:
-            self._fail(_died(rank, self.workers.procs[rank].exitcode))
+            self._fail(WorkerGroup.death(rank, self.workers.procs[rank].exitcode))
         if status == "error":
             # A collective fails on every rank when one rank dies: name the dead one if there is one.
             time.sleep(0.2)
@@ -100,7 +100,7 @@ class MultiProcExecutor:
     def _failure(self, crashed_only: bool) -> str | None:
         dead = self.workers.dead(crashed_only)
         if dead is not None:
-            return _died(*dead)
+            return WorkerGroup.death(*dead)
         return None if self.remote is None else self.remote.failure(crashed_only)
 
     def _check(self) -> None:
@@ -132,10 +132,6 @@ class MultiProcExecutor:
         if self.remote is not None:
             self.remote.close()
         self.workers.shutdown()
-
-
-def _died(rank: int, exitcode: int | None) -> str:
-    return f"worker rank {rank} died (exit code {exitcode})"
 
 
 def make_executor(config: EngineConfig) -> UniProcExecutor | MultiProcExecutor:

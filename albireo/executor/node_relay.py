@@ -285,7 +285,7 @@ class RemoteNodes:
             self._failures.append((f"worker rank {reply.rank} on node {node} failed:\n{reply.value}", False))
         else:
             self._failures.append(
-                (f"worker rank {reply.rank} on node {node} died (exit code {reply.value})", reply.value != 0)
+                (WorkerGroup.death(reply.rank, reply.value, node), reply.value != 0)
             )
 
     def _lost(self, node: int) -> None:
@@ -411,4 +411,4 @@ def _forward_replies(link: Link, workers: WorkerGroup) -> None:
     if dead is not None:
         rank, code = dead
         link.send(_encode(NodeReply(rank, "died", code)))
-        raise NodeStopped(f"worker rank {rank} died (exit code {code}); node 0 has been told")
+        raise NodeStopped(f"{WorkerGroup.death(rank, code)}; node 0 has been told")

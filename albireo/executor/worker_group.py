@@ -54,6 +54,12 @@ class WorkerGroup:
             except TimeoutError:
                 on_wait()
 
+    @staticmethod
+    def death(rank: int, exitcode: int | None, node: int | None = None) -> str:
+        """How a worker's exit is reported, everywhere it is reported."""
+        where = "" if node is None else f" on node {node}"
+        return f"worker rank {rank}{where} died (exit code {exitcode})"
+
     def dead(self, crashed_only: bool = False) -> tuple[int, int | None] | None:
         """(rank, exit code) of a worker that has exited (with a nonzero code, if `crashed_only`)."""
         for rank, proc in self.procs.items():
