@@ -100,6 +100,20 @@ def node0(model: str, port: int) -> LLM:
     )
 
 
+@contextmanager
+def two_nodes(path: str, tmp_path: Path):
+    """An engine on node 0 and `albireo worker-node` as node 1, under the hang deadline; yields
+    (llm, node 1's process, node 1's log) and shuts the engine down however the test ends."""
+    port = free_port_pair()
+    log = tmp_path / "node1.log"
+    with deadline(HANG_S), worker_node(path, port, log) as node1:
+        llm = node0(path, port)
+        try:
+            yield llm, node1, log
+        finally:
+            llm.engine.shutdown()
+
+
 def remote_worker_pid(log: Path) -> int:
     return int(re.search(r"worker rank 1: pid (\d+)", log.read_text()).group(1))
 
@@ -123,25 +137,16 @@ def test_two_nodes_greedy_equals_tp1_and_node1_exits_with_the_engine(tiny_model,
     path = tiny_model("llama")
     prompts = random_prompts(4, seed=4)
     expected = [o.outputs[0].token_ids for o in LLM(path).generate(prompts, GREEDY, use_tqdm=False)]
-    port = free_port_pair()
-    log = tmp_path / "node1.log"
-    with deadline(HANG_S), worker_node(path, port, log) as node1:
-        llm = node0(path, port)
-        try:
-            got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-        finally:
-            llm.engine.shutdown()
+    with two_nodes(path, tmp_path) as (llm, node1, log):
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        llm.engine.shutdown()
         assert node1.wait(15) == 0, log.read_text()
         assert wait_gone([remote_worker_pid(log)])
     assert got == expected
 
 
 def test_a_killed_node_fails_the_engine_naming_it_and_leaves_no_process(tiny_model, tmp_path):
-    path = tiny_model("llama")
-    port = free_port_pair()
-    log = tmp_path / "node1.log"
-    with deadline(HANG_S), worker_node(path, port, log) as node1:
-        llm = node0(path, port)
+    with two_nodes(tiny_model("llama"), tmp_path) as (llm, node1, log):
         local = [p.pid for p in llm.engine.core.executor.workers.procs.values()]
         remote = remote_worker_pid(log)
         node1.send_signal(signal.SIGKILL)
@@ -153,11 +158,7 @@ def test_a_killed_node_fails_the_engine_naming_it_and_leaves_no_process(tiny_mod
 
 
 def test_a_killed_remote_worker_fails_the_engine_naming_its_rank(tiny_model, tmp_path):
-    path = tiny_model("llama")
-    port = free_port_pair()
-    log = tmp_path / "node1.log"
-    with deadline(HANG_S), worker_node(path, port, log) as node1:
-        llm = node0(path, port)
+    with two_nodes(tiny_model("llama"), tmp_path) as (llm, node1, log):
         os.kill(remote_worker_pid(log), signal.SIGKILL)
         with pytest.raises(WorkerDiedError, match="rank 1 on node 1 died"):
             llm.generate(random_prompts(2, seed=1), GREEDY, use_tqdm=False)
