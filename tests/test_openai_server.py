@@ -149,37 +149,15 @@ def test_n2_stop_and_logprobs(client):
         assert all(len(top) <= 2 + 1 for top in c.logprobs.top_logprobs)
     full = client.completions.create(model="tiny", prompt="The quick", max_tokens=10, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
-    stop = full[3:5]
-    if stop.strip():
-        cut = client.completions.create(model="tiny", prompt="The quick", max_tokens=10, temperature=0, stop=[stop],
-                                        extra_body={"ignore_eos": True}).choices[0]
-        assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
+    stop = full[3:].strip()[:2]  # visible text from inside the completion
+    assert stop, f"the greedy completion has no text to stop on: {full!r}"
+    cut = client.completions.create(model="tiny", prompt="The quick", max_tokens=10, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
     chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0, logprobs=True,
                                           top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
-
-
-def test_50_concurrent_streams(server):
-    aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
-
-    async def one(i: int) -> int:
-        stream = await aclient.completions.create(
-            model="tiny", prompt=f"Number {i} and", max_tokens=4, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-        )
-        usage = None
-        async for chunk in stream:
-            usage = chunk.usage or usage
-        return usage.completion_tokens
-
-    async def main():
-        try:
-            return await asyncio.gather(*(one(i) for i in range(50)))
-        finally:
-            await aclient.close()
-
-    assert asyncio.run(main()) == [4] * 50
 
 
 def test_disconnect_mid_stream_frees_blocks(server):
