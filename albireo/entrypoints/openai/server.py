@@ -259,25 +259,33 @@ class OpenAIServer:
         return JSONResponse({**base, "choices": choices, "usage": _usage(outs)})
 
     async def _stream_completion(self, prompts, params, base, choice, req) -> AsyncIterator[dict]:
-        sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (chars, tokens) sent
-        done: set[tuple[int, int]] = set()
         finals: dict[int, RequestOutput] = {}
-        async for i, out in self._run(prompts, params):
+        async for i, out, c, text, entries, chars in self._deltas(prompts, params):
             finals[i] = out
+            yield {**base, "choices": [choice(i, c, text, entries, chars)]}
+        if req.stream_options and req.stream_options.include_usage:
+            yield {**base, "choices": [], "usage": _usage([finals[i] for i in sorted(finals)])}
+
+    async def _deltas(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[tuple]:
+        """What each sample gained since it was last shown: (prompt index, its RequestOutput, the
+        CompletionOutput, new text, new logprob entries or None without logprobs, characters shown
+        before). An update with nothing to show (tokens that are part of a UTF-8 character) is
+        skipped; a finished sample is shown once more, then never."""
+        sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (chars, tokens) shown
+        done: set[tuple[int, int]] = set()
+        async for i, out in self._run(prompts, params):
             for c in out.outputs:
                 key = (i, c.index)
                 chars, toks = sent.get(key, (0, 0))
                 if key in done:
                     continue
                 if len(c.text) == chars and not c.finished and (c.logprobs is None or len(c.token_ids) == toks):
-                    continue  # nothing new to show (tokens that are part of a UTF-8 character)
+                    continue
                 entries = None if c.logprobs is None else c.logprobs[toks:]
-                yield {**base, "choices": [choice(i, c, c.text[chars:], entries, chars)]}
+                yield i, out, c, c.text[chars:], entries, chars
                 sent[key] = (len(c.text), len(c.token_ids))
                 if c.finished:
                     done.add(key)
-        if req.stream_options and req.stream_options.include_usage:
-            yield {**base, "choices": [], "usage": _usage([finals[i] for i in sorted(finals)])}
 
     async def chat(self, req: ChatCompletionRequest, raw: Request | None = None) -> Response:
         self._check_model(req.model)
@@ -316,26 +324,12 @@ class OpenAIServer:
         for index in range(params.n):
             yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
-        sent: dict[int, tuple[int, int]] = {}
-        done: set[int] = set()
         final = None
-        async for _, out in self._run([prompt], params):
-            final = out
-            for c in out.outputs:
-                chars, toks = sent.get(c.index, (0, 0))
-                if c.index in done or ((len(c.text), len(c.token_ids)) == (chars, toks) and not c.finished):
-                    continue
-                lps = None
-                if c.logprobs is not None:
-                    lps = {"content": _chat_logprobs(c.logprobs[toks:], k)}
-                if len(c.text) == chars and not c.finished and lps is None:
-                    continue  # tokens that do not make text yet (part of a UTF-8 character)
-                delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
-                yield {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lps,
-                                            "finish_reason": c.finish_reason if c.finished else None}]}
-                sent[c.index] = (len(c.text), len(c.token_ids))
-                if c.finished:
-                    done.add(c.index)
+        async for _, final, c, text, entries, _ in self._deltas([prompt], params):
+            lps = None if entries is None else {"content": _chat_logprobs(entries, k)}
+            delta = {"content": text} if text else {}
+            yield {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lps,
+                                        "finish_reason": c.finish_reason if c.finished else None}]}
         if req.stream_options and req.stream_options.include_usage and final is not None:
             yield {**base, "choices": [], "usage": _usage([final])}
 
