@@ -32,10 +32,11 @@ from albireo.sampling_params import SamplingParams
 
 logger = logging.getLogger("albireo.server")
 
-# Field names a ValueError's text may start with: they become the error's `param`.
 # How often a non-streamed request checks whether its client is still there.
 _DISCONNECT_POLL_S = 0.25
 
+# Field names a ValueError's text may start with: they become the error's `param`. Every message of
+# SamplingParams and LLMEngine.validate starts with the field it is about.
 _PARAM_NAMES = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages", "max_completion_tokens", "top_logprobs"}
 
 
@@ -62,8 +63,6 @@ def _bad_value(e: ValueError) -> APIError:
     text = str(e)
     match = re.match(r"(\w+)", text)
     param = match.group(1) if match and match.group(1) in _PARAM_NAMES else None
-    if param is None and "max_model_len" in text:
-        param = "prompt" if text.startswith("prompt") else "max_tokens"
     return APIError(400, text, "BadRequestError", param)
 
 
