@@ -74,37 +74,13 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_args(args: argparse.Namespace) -> dict:
-    """The engine flags as albireo.config.engine_config's keyword arguments."""
-    return dict(
-        model=args.model,
-        tokenizer=args.tokenizer,
-        load_format=args.load_format,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        cpu_kv_cache_gb=args.cpu_kv_cache_gb,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_offload_gb=args.kv_offload_gb,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        async_scheduling=args.async_scheduling,
-        tensor_parallel_size=args.tensor_parallel_size,
-        tp_sampling=args.tp_sampling,
-        all_reduce=args.all_reduce,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        enforce_eager=args.enforce_eager,
-        fused_kernels=args.fused_kernels,
-        skip_tokenizer_init=getattr(args, "skip_tokenizer_init", False),
-        profile_steps=getattr(args, "profile_steps", False),
-    )
+    """The engine flags as albireo.config.engine_config's keyword arguments: each of its parameters
+    that the parsed arguments hold (the rest keep engine_config's defaults)."""
+    import inspect
+
+    from albireo.config import engine_config
+
+    return {name: getattr(args, name) for name in inspect.signature(engine_config).parameters if hasattr(args, name)}
 
 
 def build_llm(args: argparse.Namespace):
