@@ -15,6 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from albireo.bench.record import device_name, git_commit
 from albireo.kernels.triton_fused import silu_and_mul
 from albireo.kernels.triton_gemv import CONFIGS, gemv
 
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4")
     args = parser.parse_args()
     torch.manual_seed(0)
-    record = {"device": torch.cuda.get_device_name(), "copy_tb_s": copy_bandwidth(), "shapes": {}}
+    record = {"device": device_name(), "commit": git_commit(), "copy_tb_s": copy_bandwidth(), "shapes": {}}
     print(f"{record['device']}: device-to-device copy {record['copy_tb_s']:.2f} TB/s (read + write)")
     for name, (n, k, silu) in SHAPES.items():
         copies = max(2, -(-160 * 2**20 // (n * k * 2)))

@@ -32,11 +32,12 @@ def ms_per_step(n: int, model_dir: str, steps: int = 100) -> dict:
     llm = LLM(model_dir, load_format="dummy", device="cpu", skip_tokenizer_init=True, max_num_seqs=n,
               max_num_batched_tokens=16384, num_kv_blocks=n * 20, max_model_len=512, profile_steps=True)
     runner = llm.engine.core.executor.worker.runner
-    runner.model.forward = lambda ids, positions, meta: torch.zeros(ids.shape[0], 64)
-    runner.model.compute_logits = lambda hidden, gather=True: torch.zeros(hidden.shape[0], 512)
+    hidden, vocab = TINY_LLAMA["hidden_size"], TINY_LLAMA["vocab_size"]
+    runner.model.forward = lambda ids, positions, meta: torch.zeros(ids.shape[0], hidden)
+    runner.model.compute_logits = lambda h, gather=True: torch.zeros(h.shape[0], vocab)
     runner.sampler = lambda logits, meta: SamplerOutput(torch.full((logits.shape[0],), 7), None, None, None)
     params = SamplingParams(temperature=1.0, max_tokens=400, ignore_eos=True)
-    for i, prompt in enumerate(random_prompts(n, 8, 512)):
+    for i, prompt in enumerate(random_prompts(n, 8, vocab)):
         llm.engine.add_request(str(i), prompt, params)
     for _ in range(20):
         llm.engine.step()
