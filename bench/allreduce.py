@@ -1,4 +1,5 @@
-"""Latency of one all-reduce of a decode step's hidden states: NCCL vs peer memory (one/two-shot).
+"""Latency of one all-reduce of a decode step's hidden states: NCCL vs peer memory (our one-shot push
+kernel, alone and fused with the residual add and RMSNorm, and PyTorch's two-shot).
 
 A TP decode step of a Llama model makes two all-reduces per layer (after o_proj and down_proj),
 each of batch x hidden bf16 values. This times them the way the engine runs them: 64 back to back
@@ -21,6 +22,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.record import write_record  # noqa: E402
 from albireo.distributed.symm_all_reduce import SymmMemAllReduce  # noqa: E402
+from albireo.layers.norm import RMSNorm  # noqa: E402
 
 CALLS_PER_STEP = 64
 BATCHES = (1, 8, 32, 64, 128, 256, 512, 1024)
@@ -46,23 +48,17 @@ def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     symm = SymmMemAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16)
-    one_shot_limit = symm.one_shot_max_numel
+    norm = RMSNorm(hidden, 1e-5).to("cuda", torch.bfloat16)
+    residual = torch.randn(max(BATCHES), hidden, device="cuda", dtype=torch.bfloat16)
 
-    def nccl(x):
-        dist.all_reduce(x)
+    def push_then_norm(x):
+        norm(symm.push(x), residual[: x.shape[0]])
 
-    def one_shot(x):
-        symm.one_shot_max_numel = symm.max_numel
-        symm(x)
+    def push_norm(x):
+        symm.push(x, residual[: x.shape[0]], norm.weight, norm.eps)
 
-    def two_shot(x):
-        symm.one_shot_max_numel = 0
-        symm(x)
-
-    def engine(x):
-        symm.one_shot_max_numel = one_shot_limit
-        symm(x)
-
+    paths = {"nccl": dist.all_reduce, "push": symm.push, "two_shot": symm.two_shot, "engine": symm,
+             "push_then_norm": push_then_norm, "push_norm": push_norm}
     results = {}
     for batch in BATCHES:
         torch.manual_seed(batch * 10 + rank)
@@ -70,16 +66,21 @@ def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
         row = {"bytes": x.numel() * x.element_size()}
         expected = x.clone()
         dist.all_reduce(expected)
-        for name, fn in (("nccl", nccl), ("one_shot", one_shot), ("two_shot", two_shot), ("engine", engine)):
-            got = x.clone()
-            fn(got)
-            row[f"{name}_max_abs_diff"] = (got.float() - expected.float()).abs().max().item()
+        for name, fn in paths.items():
+            if name.startswith("push") and not symm.fits_one_shot(x):
+                continue
+            if name in ("nccl", "push", "two_shot", "engine"):
+                got = x.clone()
+                fn(got)
+                row[f"{name}_max_abs_diff"] = (got.float() - expected.float()).abs().max().item()
             row[f"{name}_us"] = _graph_us(fn, x.clone())
         results[batch] = row
         if rank == 0:
-            print(f"tp={world} batch={batch:5d} ({row['bytes'] / 1024:7.1f} KiB) us per all-reduce in a graph: "
-                  + ", ".join(f"{n} {row[n + '_us']:6.1f} (diff {row[n + '_max_abs_diff']:.3g})"
-                              for n in ("nccl", "one_shot", "two_shot", "engine")), flush=True)
+            print(f"tp={world} batch={batch:5d} ({row['bytes'] / 1024:7.1f} KiB) us per call in a graph: "
+                  + ", ".join(f"{n} {row[n + '_us']:6.1f}" for n in paths if n + "_us" in row)
+                  + "; max diff to nccl: "
+                  + ", ".join(f"{n} {row[n + '_max_abs_diff']:.3g}" for n in paths if n + "_max_abs_diff" in row),
+                  flush=True)
     dist.barrier()
     if rank == 0:
         queue.put(results)

@@ -4,8 +4,9 @@
 #   correctness: TP=2 and TP=4 equal TP=1 on GPUs; NCCL all-reduce latency; W3 at TP=1,2,4
 #   w2-8b:       W2 on llama-3.1-8b at TP=1,2,4, async on and off, each with its step breakdown
 #   w2-32b:      W2 on qwen2.5-32b at TP=2,4, async on and off
-#   symm:        all-reduce over peer memory: its tests, its latency vs NCCL, W3 at TP=1,2,4 and W2
-#                at TP=1,2,4 with it, and W3/W2 at TP=2 with NCCL alone (A/B on one machine)
+#   symm:        all-reduce over peer memory: its tests, its latency vs NCCL, W3 at TP=1,2,4 with it
+#                and at TP=2 with NCCL alone (A/B on one machine)
+#   symm-e2e:    TP=2 and TP=4 equal TP=1 on GPUs, W2 at TP=1,2,4 and at TP=2 with NCCL alone
 #   profile:     kernel tables of a W3 decode step at TP=1 and TP=2 (where TP=2's extra time goes)
 #   extra:       qwen2.5-32b at TP=1 (200 prompts: its KV pool holds ~26 sequences), the W5 amdahl
 #                breakdown, sequence-parallel sampling on GPUs
@@ -31,11 +32,13 @@ case $stage in
     run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
     for t in $degrees; do w3 "$t"; done ;;
   symm)
-    run 240 python3 -m pytest -q tests/device/test_symm_all_reduce.py tests/device/test_e2e_gpu.py -k symm
+    run 240 python3 -m pytest -q tests/device/test_symm_all_reduce.py || exit 1
     run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
-    for t in 1 2 4; do w3 "$t"; done
-    w3 2 --all-reduce nccl
-    for t in 1 2 4; do w2 llama-3.1-8b "$t"; done
+    for t in $degrees; do w3 "$t"; done
+    w3 2 --all-reduce nccl ;;
+  symm-e2e)
+    run 300 python3 -m pytest -q tests/device/test_e2e_gpu.py -k several_gpus
+    for t in $degrees; do w2 llama-3.1-8b "$t"; done
     w2 llama-3.1-8b 2 --all-reduce nccl ;;
   w2-8b)
     for t in $degrees; do w2 llama-3.1-8b "$t"; done

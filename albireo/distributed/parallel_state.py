@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from albireo import kernels
 from albireo.distributed.symm_all_reduce import SymmMemAllReduce
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,17 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
             return _symm_all_reduce(x)
         dist.all_reduce(x, group=_group)
     return x
+
+
+def tp_all_reduce_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(sum of x + residual), sum of x + residual) in one kernel, the second in place in
+    residual, where the one-shot peer-memory path takes x and fused kernels are on; None elsewhere."""
+    if (_size > 1 and _symm_all_reduce is not None and kernels.fused_on(x) and residual.dtype == x.dtype
+            and residual.is_contiguous() and _symm_all_reduce.fits_one_shot(x)):
+        return _symm_all_reduce.push(x, residual, weight, eps)
+    return None
 
 
 def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:

@@ -1,16 +1,12 @@
 """All-reduce of small tensors over peer GPU memory, for the latency-bound all-reduces of decode.
 
 A decode step of a TP model makes two all-reduces per layer of only batch x hidden values; NCCL
-spends ~20 us on each even inside a CUDA graph. Here every rank owns a buffer in PyTorch's
-symmetric memory (mapped into each peer's address space through CUDA IPC, no multicast), copies
-its input into it, and one kernel reads the peers' buffers and sums (one-shot), or reduce-scatters
-and all-gathers through them (two-shot, for mid sizes). Both kernels open with a barrier over the
-ranks' signal pads, so they are safe inside CUDA graphs. Tensors past `max_bytes` go to NCCL.
-
-One-shot has no closing barrier: a fast rank could refill its buffer while a slow peer still reads
-the last call's values. Two buffers used in turn close that race: before a rank writes a buffer
-again it has passed the next call's opening barrier, which every peer reaches only after
-finishing the call that read it.
+spends ~20 us on each even inside a CUDA graph. Here every rank owns buffers in PyTorch's symmetric
+memory (mapped into each peer's address space through CUDA IPC, no multicast). Up to
+`ONE_SHOT_MAX_BYTES` one kernel of ours pushes each rank's values into every peer's buffer and sums
+what arrives, with no barrier (`albireo/kernels/triton_all_reduce.py`), and can go on into the
+residual add and RMSNorm after it; mid sizes take PyTorch's two-shot kernel (reduce-scatter and
+all-gather through the buffers, with barriers); past `max_bytes` NCCL.
 """
 
 from __future__ import annotations
@@ -27,31 +23,50 @@ class SymmMemAllReduce:
                  max_bytes: int = MAX_BYTES) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
+        # Imported here: Triton must not load in processes that may yet turn its interpreter on.
+        from albireo.kernels import triton_all_reduce
+
+        self.kernels = triton_all_reduce
+
         self.group_name = group.group_name
         self.dtype = dtype
         self.max_numel = max_bytes // dtype.itemsize
         self.one_shot_max_numel = ONE_SHOT_MAX_BYTES // dtype.itemsize
-        self.buffers = []
-        for _ in range(2):
-            buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
-            symm_mem.rendezvous(buffer, group)
-            self.buffers.append(buffer)
-        self.turn = 0
+        self.rank = dist.get_rank(group)
+        world = dist.get_world_size(group)
+
+        self.staging = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
+        symm_mem.rendezvous(self.staging, group)
+        exchange = symm_mem.empty(self.kernels.ROUNDS * world * self.one_shot_max_numel, dtype=dtype,
+                                  device=device)
+        exchange.fill_(-0.0)  # every slot empty before any peer can write
+        torch.cuda.synchronize(device)
+        handle = symm_mem.rendezvous(exchange, group)
+        self.exchange = exchange
+        self.peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.rounds = torch.zeros(2, dtype=torch.int32, device=device)
 
     def fits(self, x: torch.Tensor) -> bool:
-        # The kernels move 16-byte vectors: the size must be a whole number of them.
+        # The two-shot kernel moves 16-byte vectors: the size must be a whole number of them.
         return (x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.max_numel
                 and (x.numel() * x.element_size()) % 16 == 0)
 
+    def fits_one_shot(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and self.kernels.fits(x, self.one_shot_max_numel)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place."""
-        n = x.numel()
-        staged = self.buffers[self.turn][:n]
+        return self.push(x) if self.fits_one_shot(x) else self.two_shot(x)
+
+    def two_shot(self, x: torch.Tensor) -> torch.Tensor:
+        staged = self.staging[: x.numel()]
         staged.copy_(x.reshape(-1))
-        if n <= self.one_shot_max_numel:
-            self.turn ^= 1
-            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out=x.view(-1))
-        else:
-            torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group_name)
-            x.view(-1).copy_(staged)
+        torch.ops.symm_mem.two_shot_all_reduce_(staged, "sum", self.group_name)
+        x.view(-1).copy_(staged)
         return x
+
+    def push(self, x: torch.Tensor, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+             eps: float = 0.0):
+        """The one-shot sum (x must fit it); with residual and weight, fused with add and RMSNorm."""
+        return self.kernels.push_all_reduce(x, self.peers, self.rounds, self.one_shot_max_numel, self.rank,
+                                            residual, weight, eps)

@@ -25,10 +25,10 @@ from albireo.kernels import pdl
 __all__ = ["rms_norm", "apply_rotary", "silu_and_mul"]
 
 # One program handles a whole row of rms_norm; rows longer than this would not fit in registers.
-_MAX_NORM_BLOCK = 65536
+MAX_NORM_BLOCK = 65536
 
 
-def _norm_num_warps(block: int) -> int:
+def norm_num_warps(block: int) -> int:
     if block >= 32768:
         return 32
     if block >= 8192:
@@ -79,13 +79,20 @@ def _rms_norm_kernel(
     else:
         s = x
 
+    tl.store(out_ptr + row * N + cols, rms_normalize(s, w_ptr, cols, mask, N, eps).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def rms_normalize(s, w_ptr, cols, mask, N, eps):
+    """weight * norm(s) of one row, in float32 for the caller to round to its output dtype."""
     h = s.to(tl.float32)
     var = tl.sum(h * h, axis=0) / N
     rstd = tl.rsqrt(var + eps)
     # torch: h.to(x.dtype), then weight * that (in the promoted dtype of weight and x).
     normed = (h * rstd).to(s.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * N + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    return normed * w
 
 
 def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
@@ -117,7 +124,7 @@ def rms_norm(
     n = x.shape[-1]
     assert weight.dim() == 1 and weight.shape[0] == n, "weight must be [hidden]"
     block = triton.next_power_of_2(n)
-    assert block <= _MAX_NORM_BLOCK, f"rms_norm: hidden size {n} is too large for one program per row"
+    assert block <= MAX_NORM_BLOCK, f"rms_norm: hidden size {n} is too large for one program per row"
     weight = weight.contiguous()
 
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -160,7 +167,7 @@ def rms_norm(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             PDL=on,
-            num_warps=_norm_num_warps(block),
+            num_warps=norm_num_warps(block),
             launch_pdl=on,
         )
     return out if residual is None else (out, new_residual)

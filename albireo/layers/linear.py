@@ -115,8 +115,12 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_r W_r^T, then + b: W's columns (input features) split across ranks."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce: bool = True) -> None:
+        """reduce=False leaves the all-reduce to the caller (the RMSNorm after it fuses it)."""
         super().__init__()
+        if bias and not reduce:
+            raise ValueError("a row-parallel layer with a bias must all-reduce before adding it")
+        self.reduce = reduce
         tp = tp_size()
         if input_size % tp:
             raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {tp}")
@@ -135,5 +139,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         """With silu_mul, x is a fused [gate | up] whose silu(gate) * up is the input."""
-        y = tp_all_reduce(linear(x, self.weight, silu_mul=silu_mul))
+        y = linear(x, self.weight, silu_mul=silu_mul)
+        if not self.reduce:
+            return y
+        y = tp_all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -30,7 +30,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, bias=arch.qkv_bias
         )
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size)
+        # o_proj and down_proj leave their all-reduce to the RMSNorm after them (one kernel with the
+        # residual add and the norm).
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, reduce=False)
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
@@ -52,19 +54,20 @@ class LlamaMLP(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size)
+        self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size, reduce=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x), silu_mul=True)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+    def __init__(self, arch: ArchConfig, max_positions: int, first: bool) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(arch, max_positions)
         self.mlp = LlamaMLP(arch)
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        # The first layer's input is the (summed) embedding; every later one's is the down_proj's share.
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, sums_ranks=not first)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, sums_ranks=True)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -82,8 +85,8 @@ class LlamaModel(nn.Module):
     def __init__(self, arch: ArchConfig, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, max_positions) for _ in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, max_positions, i == 0) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, sums_ranks=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None

@@ -1,0 +1,139 @@
+"""One-shot all-reduce in one kernel, with no barrier: every rank pushes its rows into every peer's
+buffer and sums what lands in its own (the Lamport scheme, as TensorRT-LLM's small all-reduce).
+
+Each rank owns an exchange buffer mapped into every peer's address space (torch symmetric memory,
+CUDA IPC): ROUNDS rounds x world slots x `slot_numel` elements. Empty elements hold -0.0. In a call,
+rank r writes its partial sums (any -0.0 turned into +0.0, which sums the same) into slot r of the
+current round in every rank's buffer, then polls its own buffer's slots until no element is -0.0
+any more, adds them in rank order and writes -0.0 back behind it. Since each element is written once
+per round, "not -0.0" means "this peer's value arrived": no flags, no barrier, one launch.
+
+The round lives in device memory (a counter the call's last program advances), not in Python, so a
+CUDA graph replays the right round whatever number of calls it captured. Reusing a round's buffer
+is safe: a peer writes it again only three calls later, after it has read this rank's values of the
+two calls in between, which this rank wrote only after it finished reading (and emptying) this one.
+
+With a residual and a norm weight, the sum goes straight on into the residual add and the RMSNorm
+that follow a row-parallel layer (as `albireo.kernels.triton_fused.rms_norm`, same roundings).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from albireo.kernels import pdl
+from albireo.kernels.triton_fused import MAX_NORM_BLOCK, norm_num_warps, rms_normalize
+
+ROUNDS = 3
+
+
+@triton.jit
+def _empty(v, WIDE: tl.constexpr):
+    """Which elements still hold -0.0, the mark of a slot no peer has written this round."""
+    if WIDE:
+        return v.to(tl.int32, bitcast=True) == -2147483648
+    else:
+        return v.to(tl.int16, bitcast=True) == -32768
+
+
+@triton.jit
+def _push_all_reduce_kernel(
+    x_ptr,
+    out_ptr,
+    res_ptr,
+    w_ptr,
+    peers_ptr,  # int64 [world]: the address of each rank's exchange buffer
+    round_ptr,  # int32 [2], this rank's: the current round, and how many programs have finished it
+    slot_numel,
+    N,
+    eps,
+    RANK: tl.constexpr,
+    WORLD: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    WIDE: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.wait_for_previous(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    dtype = x_ptr.dtype.element_ty
+    if WIDE:
+        empty = tl.full([BLOCK], -2147483648, tl.int32).to(dtype, bitcast=True)
+    else:
+        empty = tl.full([BLOCK], -32768, tl.int16).to(dtype, bitcast=True)
+
+    turn = tl.load(round_ptr)
+    x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
+    x = tl.where(_empty(x, WIDE), 0.0, x).to(dtype)
+    round_base = turn.to(tl.int64) * WORLD * slot_numel + row * N + cols
+    for peer in tl.static_range(WORLD):
+        # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
+        buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
+        tl.store(buffer + round_base + RANK * slot_numel, x, mask=mask)
+
+    own = tl.multiple_of(tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype)), 16)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for src in tl.static_range(WORLD):
+        slot = own + round_base + src * slot_numel
+        v = tl.load(slot, mask=mask, other=0.0, volatile=True)
+        while tl.max((_empty(v, WIDE) & mask).to(tl.int32), axis=0) > 0:
+            v = tl.load(slot, mask=mask, other=0.0, volatile=True)
+        total += v.to(tl.float32)
+        tl.store(slot, empty, mask=mask)
+    s = total.to(dtype)
+
+    if HAS_NORM:
+        r = tl.load(res_ptr + row * N + cols, mask=mask, other=0.0)
+        s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(res_ptr + row * N + cols, s, mask=mask)
+        s = rms_normalize(s, w_ptr, cols, mask, N, eps)
+    tl.store(out_ptr + row * N + cols, s.to(out_ptr.dtype.element_ty), mask=mask)
+
+    # The last program to finish moves this rank on to the next round; every program read the
+    # round before it arrived here, and the next call starts only after this kernel has ended.
+    if tl.atomic_add(round_ptr + 1, 1) == tl.num_programs(0) - 1:
+        tl.store(round_ptr + 1, 0)
+        tl.store(round_ptr, (turn + 1) % ROUNDS)
+
+
+def fits(x: torch.Tensor, slot_numel: int) -> bool:
+    """Whether the push kernel takes x: one program per row of its last dimension."""
+    return (x.is_contiguous() and x.dim() >= 1 and 0 < x.numel() <= slot_numel
+            and x.shape[-1] <= MAX_NORM_BLOCK and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def push_all_reduce(
+    x: torch.Tensor,
+    peers: torch.Tensor,
+    rounds: torch.Tensor,
+    slot_numel: int,
+    rank: int,
+    residual: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The sum of x over the ranks, in place in x; with a residual and a norm weight, instead
+    (rms_norm(sum + residual), sum + residual), the second written into the residual in place.
+
+    `peers` holds the address of every rank's exchange buffer (ROUNDS * world * slot_numel elements
+    of x's dtype, all -0.0 before the first call) and `rounds` this rank's round counter (int32 [2],
+    zeros before the first call); every rank must make the same sequence of calls. The residual must
+    have x's dtype (it is written in place).
+    """
+    n = x.shape[-1]
+    rows = x.numel() // n
+    block = triton.next_power_of_2(n)
+    has_norm = residual is not None
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) if has_norm else x
+    on = pdl.enabled(x)
+    _push_all_reduce_kernel[(rows,)](
+        x, out, residual if has_norm else x, weight if has_norm else x, peers, rounds, slot_numel, n, eps,
+        RANK=rank, WORLD=peers.numel(), ROUNDS=ROUNDS, WIDE=x.element_size() == 4, HAS_NORM=has_norm, BLOCK=block, PDL=on,
+        num_warps=norm_num_warps(block), launch_pdl=on,
+    )
+    return (out, residual) if has_norm else out
