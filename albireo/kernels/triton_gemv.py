@@ -42,32 +42,44 @@ CONFIGS = [
 
 
 @triton.jit
+def _accumulate(acc, w, x_ptr, rows, row_ok, ks, k_ok, K, stride_xm, SILU_MUL: tl.constexpr):
+    """acc + the products of one K tile of x (silu(gate) * up with SILU_MUL) with the weight tile w."""
+    x_at = x_ptr + rows[:, None] * stride_xm + ks[None, :]
+    x_ok = row_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_at, mask=x_ok, other=0.0)
+    if SILU_MUL:
+        g = x.to(tl.float32)
+        up = tl.load(x_at + K, mask=x_ok, other=0.0).to(tl.float32)
+        # torch: F.silu(gate) is rounded to the activation dtype, then so is the product.
+        act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+        x = (act * up).to(x.dtype)
+    return acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.wait_for_previous(PDL)
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    # The weights do not depend on the kernel before this one: the first tile is read while that
+    # kernel finishes (under PDL), and only x waits for it.
+    w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl.wait_for_previous(PDL)
+    acc = _accumulate(tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32), w, x_ptr, rows, row_ok, ks, k_ok, K,
+                      stride_xm, SILU_MUL)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        x_at = x_ptr + rows[:, None] * stride_xm + ks[None, :]
-        x_ok = row_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_at, mask=x_ok, other=0.0)
-        if SILU_MUL:
-            g = x.to(tl.float32)
-            up = tl.load(x_at + K, mask=x_ok, other=0.0).to(tl.float32)
-            # torch: F.silu(gate) is rounded to the activation dtype, then so is the product.
-            act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
-            x = (act * up).to(x.dtype)
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc = _accumulate(acc, w, x_ptr, rows, row_ok, ks, k_ok, K, stride_xm, SILU_MUL)
     y = tl.sum(acc, axis=2)
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
