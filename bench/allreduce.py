@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.record import write_record  # noqa: E402
-from albireo.distributed.symm_all_reduce import SymmMemAllReduce  # noqa: E402
+from albireo.distributed.symm_all_reduce import MAX_BYTES, SymmMemAllReduce  # noqa: E402
 from albireo.layers.norm import RMSNorm  # noqa: E402
 
 CALLS_PER_STEP = 64
@@ -47,17 +47,19 @@ def _graph_us(fn, x: torch.Tensor) -> float:
 def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    symm = SymmMemAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16)
+    device = torch.device("cuda", rank)
+    symm = SymmMemAllReduce(dist.group.WORLD, device, torch.bfloat16)  # as the engine sets it up
+    every_size = SymmMemAllReduce(dist.group.WORLD, device, torch.bfloat16, one_shot_bytes=MAX_BYTES)
     norm = RMSNorm(hidden, 1e-5).to("cuda", torch.bfloat16)
     residual = torch.randn(max(BATCHES), hidden, device="cuda", dtype=torch.bfloat16)
 
     def push_then_norm(x):
-        norm(symm.push(x), residual[: x.shape[0]])
+        norm(every_size.push(x), residual[: x.shape[0]])
 
     def push_norm(x):
-        symm.push(x, residual[: x.shape[0]], norm.weight, norm.eps)
+        every_size.push(x, residual[: x.shape[0]], norm.weight, norm.eps)
 
-    paths = {"nccl": dist.all_reduce, "push": symm.push, "two_shot": symm.two_shot, "engine": symm,
+    paths = {"nccl": dist.all_reduce, "push": every_size.push, "two_shot": symm.two_shot, "engine": symm,
              "push_then_norm": push_then_norm, "push_norm": push_norm}
     results = {}
     for batch in BATCHES:
@@ -67,8 +69,6 @@ def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
         expected = x.clone()
         dist.all_reduce(expected)
         for name, fn in paths.items():
-            if name.startswith("push") and not symm.fits_one_shot(x):
-                continue
             if name in ("nccl", "push", "two_shot", "engine"):
                 got = x.clone()
                 fn(got)

@@ -6,6 +6,7 @@
 #   w2-32b:      W2 on qwen2.5-32b at TP=2,4, async on and off
 #   symm:        all-reduce over peer memory: its tests, its latency vs NCCL, W3 at TP=1,2,4 with it
 #                and at TP=2 with NCCL alone (A/B on one machine)
+#   push:        the peer-memory all-reduce's tests and latency, W2 at TP=1,2,4, qwen2.5-32b at TP=1
 #   w3-w2:       W3 and W2 (llama-3.1-8b) at TP=1,2,4, async on
 #   symm-e2e:    TP=2 and TP=4 equal TP=1 on GPUs, W2 at TP=1,2,4 and at TP=2 with NCCL alone
 #   profile:     kernel tables of a W3 decode step at TP=1 and TP=2 (where TP=2's extra time goes)
@@ -37,6 +38,11 @@ case $stage in
     run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
     for t in $degrees; do w3 "$t"; done
     w3 2 --all-reduce nccl ;;
+  push)
+    run 240 python3 -m pytest -q tests/device/test_symm_all_reduce.py
+    run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
+    for t in $degrees; do w2 llama-3.1-8b "$t"; done
+    NUM_PROMPTS=200 w2 qwen2.5-32b 1 ;;
   w3-w2)
     for t in $degrees; do w3 "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t"; done ;;

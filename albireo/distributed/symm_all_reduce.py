@@ -3,7 +3,7 @@
 A decode step of a TP model makes two all-reduces per layer of only batch x hidden values; NCCL
 spends ~20 us on each even inside a CUDA graph. Here every rank owns buffers in PyTorch's symmetric
 memory (mapped into each peer's address space through CUDA IPC, no multicast). Up to
-`ONE_SHOT_MAX_BYTES` one kernel of ours pushes each rank's values into every peer's buffer and sums
+`one_shot_max_bytes` one kernel of ours pushes each rank's values into every peer's buffer and sums
 what arrives, with no barrier (`albireo/kernels/triton_all_reduce.py`), and can go on into the
 residual add and RMSNorm after it; mid sizes take PyTorch's two-shot kernel (reduce-scatter and
 all-gather through the buffers, with barriers); past `max_bytes` NCCL.
@@ -14,13 +14,20 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-ONE_SHOT_MAX_BYTES = 256 * 1024
 MAX_BYTES = 8 * 2**20
+
+
+def one_shot_max_bytes(world: int) -> int:
+    """Up to which size the one-shot push kernel takes an all-reduce. At two ranks it sends no more
+    bytes than two-shot (half out, half back) and waits once instead of at two barriers, so it takes
+    every size; with more ranks it sends world - 1 copies of the whole tensor, and on four H200s
+    two-shot won from 512 KiB (benchmarks/results/allreduce-*)."""
+    return MAX_BYTES if world == 2 else 256 * 1024
 
 
 class SymmMemAllReduce:
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype,
-                 max_bytes: int = MAX_BYTES) -> None:
+                 max_bytes: int = MAX_BYTES, one_shot_bytes: int | None = None) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         # Imported here: Triton must not load in processes that may yet turn its interpreter on.
@@ -31,9 +38,9 @@ class SymmMemAllReduce:
         self.group_name = group.group_name
         self.dtype = dtype
         self.max_numel = max_bytes // dtype.itemsize
-        self.one_shot_max_numel = ONE_SHOT_MAX_BYTES // dtype.itemsize
         self.rank = dist.get_rank(group)
         world = dist.get_world_size(group)
+        self.one_shot_max_numel = (one_shot_bytes or one_shot_max_bytes(world)) // dtype.itemsize
 
         self.staging = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         symm_mem.rendezvous(self.staging, group)
