@@ -7,6 +7,7 @@
 #   symm:        all-reduce over peer memory: its tests, its latency vs NCCL, W3 at TP=1,2,4 with it
 #                and at TP=2 with NCCL alone (A/B on one machine)
 #   push:        the peer-memory all-reduce's tests and latency, W2 at TP=1,2,4, qwen2.5-32b at TP=1
+#   sync-32b:    W2 llama-3.1-8b at TP=1,2,4 with async off; qwen2.5-32b at TP=2,4, async on and off
 #   w3-w2:       W3 and W2 (llama-3.1-8b) at TP=1,2,4, async on
 #   symm-e2e:    TP=2 and TP=4 equal TP=1 on GPUs, W2 at TP=1,2,4 and at TP=2 with NCCL alone
 #   profile:     kernel tables of a W3 decode step at TP=1 and TP=2 (where TP=2's extra time goes)
@@ -43,6 +44,9 @@ case $stage in
     run 120 python3 bench/allreduce.py --tp 2 4 --out "$out"
     for t in $degrees; do w2 llama-3.1-8b "$t"; done
     NUM_PROMPTS=200 w2 qwen2.5-32b 1 ;;
+  sync-32b)
+    for t in $degrees; do w2 llama-3.1-8b "$t" --no-async-scheduling; done
+    for t in 2 4; do w2 qwen2.5-32b "$t"; w2 qwen2.5-32b "$t" --no-async-scheduling; done ;;
   w3-w2)
     for t in $degrees; do w3 "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t"; done ;;

@@ -20,9 +20,10 @@ MAX_BYTES = 8 * 2**20
 def one_shot_max_bytes(world: int) -> int:
     """Up to which size the one-shot push kernel takes an all-reduce. At two ranks it sends no more
     bytes than two-shot (half out, half back) and waits once instead of at two barriers, so it takes
-    every size; with more ranks it sends world - 1 copies of the whole tensor, and on four H200s
-    two-shot won from 512 KiB (benchmarks/results/allreduce-*)."""
-    return MAX_BYTES if world == 2 else 256 * 1024
+    every size (on two H200s 17 us against two-shot's 25 at 4 MiB); with more ranks it sends
+    world - 1 copies of the whole tensor, and on four H200s it won up to 512 KiB and lost from 1 MiB
+    (benchmarks/results/allreduce-hidden4096-bf16-tp4-20261127T010559.json)."""
+    return MAX_BYTES if world == 2 else 512 * 1024
 
 
 class SymmMemAllReduce:
