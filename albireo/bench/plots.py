@@ -104,7 +104,9 @@ def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Pa
             values = [runs[t]["output_tokens_per_s"] for t in tps]
             ax.plot(tps, values, "o-", color=color, label=f"async {'on' if mode else 'off'}")
             for t, v in zip(tps, values):
-                ax.annotate(f"{v / 1000:.1f}k", (t, v), textcoords="offset points", xytext=(4, -10), fontsize=8)
+                prompts = runs[t].get("num_prompts", 1000)
+                note = "" if prompts == 1000 else f" ({prompts} prompts)"
+                ax.annotate(f"{v / 1000:.1f}k{note}", (t, v), textcoords="offset points", xytext=(4, -10), fontsize=8)
             if mode:
                 base = (tps[0], values[0], tps[-1])
                 if len(tps) >= 2:
@@ -154,7 +156,7 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--out", default="benchmarks/plots")
     parser.add_argument("--tp-device", default="NVIDIA H200", help="the machine whose TP runs to plot")
-    parser.add_argument("--tp-commits", default="868e554,44d66d7",
+    parser.add_argument("--tp-commits", default="ccf1293,fbd8da6,01f05a8",
                         help="the commits of that machine's runs (the 4 x H200 runs by default)")
     args = parser.parse_args()
     import matplotlib
