@@ -20,23 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from albireo.executor.executor import free_port
+from processes import wait_gone
 
 API_KEY = "sk-test"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids: list[int], timeout: float = 10) -> list[int]:
-    """The pids still alive after up to `timeout` seconds (the resource tracker exits on its own)."""
-    deadline = time.monotonic() + timeout
-    while [p for p in pids if _alive(p)] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
 
 
 def _children(pid: int) -> list[int]:
@@ -262,7 +248,7 @@ def test_queue_limit_dead_engine_and_sigterm(tiny_model):
         children = _children(s.proc.pid)
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once shut down
-        assert not _wait_gone(children)
+        assert not wait_gone(children)
     finally:
         s.stop()
 
@@ -519,7 +505,7 @@ def test_sigterm_lets_in_flight_requests_finish(server):
     assert result["r"].status_code == 200
     assert result["r"].json()["usage"]["completion_tokens"] == 30
     assert server.proc.wait(30) in (0, -signal.SIGTERM)
-    assert not _wait_gone(children)
+    assert not wait_gone(children)
 
 
 def test_prefix_cache_hit_counters_follow_the_core_totals():

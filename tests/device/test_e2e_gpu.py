@@ -164,6 +164,9 @@ def _tokens_then_free(make_llm, prompts, params) -> list[list[int]]:
     return tokens
 
 
+_TP1_TOKENS: dict = {}  # the TP=1 tokens every parametrization of the test below compares with
+
+
 @pytest.mark.parametrize("tp,tp_sampling,all_reduce", [
     (2, "seq_parallel", "symm_mem"), (2, "all_gather", "symm_mem"), (2, "seq_parallel", "nccl"),
     (4, "seq_parallel", "symm_mem"), (4, "all_gather", "nccl"),
@@ -174,7 +177,10 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
     path = tiny_model("qwen3")  # one KV head: replicated on every rank
     prompts = random_prompts(9, seed=12)
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
-    tp1 = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3), prompts, params)
+    if path not in _TP1_TOKENS:
+        _TP1_TOKENS[path] = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3),
+                                              prompts, params)
+    tp1 = _TP1_TOKENS[path]
     tp_n = _tokens_then_free(
         lambda: LLM(path, dtype="float32", tensor_parallel_size=tp, tp_sampling=tp_sampling, all_reduce=all_reduce,
                     gpu_memory_utilization=0.3),
