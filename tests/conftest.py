@@ -44,6 +44,8 @@ TINY_MODELS = {
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {"head_dim": 32, "num_key_value_heads": 1}),
+    # Eight query heads, so that TP=8 can split them (each KV head is replicated on four ranks).
+    "llama-8-heads": ("LlamaConfig", {"num_attention_heads": 8}),
 }
 
 

@@ -14,7 +14,8 @@ from conftest import TINY_MODELS, random_prompts
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-@pytest.mark.parametrize("tp,name", [(2, name) for name in TINY_MODELS] + [(4, "llama"), (4, "qwen3")])
+@pytest.mark.parametrize("tp,name", [(2, name) for name in TINY_MODELS] + [(4, "llama"), (4, "qwen3"),
+                                                                           (8, "llama-8-heads")])
 def test_tp_greedy_equals_tp1(tiny_model, tp, name):
     """qwen3's tiny model has one KV head and llama's two: ranks past the KV heads hold replicas."""
     path = tiny_model(name)
