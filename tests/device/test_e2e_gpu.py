@@ -169,12 +169,13 @@ _TP1_TOKENS: dict = {}  # the TP=1 tokens every parametrization of the test belo
 
 @pytest.mark.parametrize("tp,tp_sampling,all_reduce", [
     (2, "seq_parallel", "symm_mem"), (2, "all_gather", "symm_mem"), (2, "seq_parallel", "nccl"),
-    (4, "seq_parallel", "symm_mem"), (4, "all_gather", "nccl"),
+    (4, "seq_parallel", "symm_mem"), (4, "all_gather", "nccl"), (8, "seq_parallel", "symm_mem"),
 ])
 def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
-    path = tiny_model("qwen3")  # one KV head: replicated on every rank
+    # qwen3's one KV head is replicated on every rank; eight ranks need the model with eight heads.
+    path = tiny_model("llama-8-heads" if tp == 8 else "qwen3")
     prompts = random_prompts(9, seed=12)
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
     if path not in _TP1_TOKENS:
