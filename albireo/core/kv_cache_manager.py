@@ -143,8 +143,7 @@ class KVCacheManager:
         hashes = request.block_hashes
         while (len(hashes) + 1) * bs <= num_tokens:
             start = len(hashes) * bs
-            tokens = tuple(request.token_id(i) for i in range(start, start + bs))
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens))
+            hashes.append(hash_block(hashes[-1] if hashes else None, request.token_ids(start, start + bs)))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], list[int], int]:
         """The longest cached prefix of a request that is not yet running: (device block ids, host

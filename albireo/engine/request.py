@@ -57,6 +57,11 @@ class Request:
         self.output_token_ids.append(token_id)
         self.num_tokens += 1
 
-    def token_id(self, index: int) -> int:
+    def token_ids(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens start..end-1 of the prompt followed by the output."""
         n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+        if end <= n:
+            return tuple(self.prompt_token_ids[start:end])
+        if start >= n:
+            return tuple(self.output_token_ids[start - n : end - n])
+        return tuple(self.prompt_token_ids[start:]) + tuple(self.output_token_ids[: end - n])
