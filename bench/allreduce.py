@@ -59,7 +59,8 @@ def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
     def push_norm(x):
         every_size.push(x, residual[: x.shape[0]], norm.weight, norm.eps)
 
-    paths = {"nccl": dist.all_reduce, "push": every_size.push, "two_shot": symm.two_shot, "engine": symm,
+    # "routed": the engine's unfused all-reduce (one-shot or two-shot by size, as tp_all_reduce picks).
+    paths = {"nccl": dist.all_reduce, "push": every_size.push, "two_shot": symm.two_shot, "routed": symm,
              "push_then_norm": push_then_norm, "push_norm": push_norm}
     results = {}
     for batch in BATCHES:
@@ -69,7 +70,7 @@ def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
         expected = x.clone()
         dist.all_reduce(expected)
         for name, fn in paths.items():
-            if name in ("nccl", "push", "two_shot", "engine"):
+            if name in ("nccl", "push", "two_shot", "routed"):
                 got = x.clone()
                 fn(got)
                 row[f"{name}_max_abs_diff"] = (got.float() - expected.float()).abs().max().item()

@@ -59,15 +59,6 @@ def test_tp2_seeded_sampling_and_logprobs_equal_tp1(tiny_model, tp_sampling):
     assert outputs(LLM(path, tensor_parallel_size=2, tp_sampling=tp_sampling), prompts, params) == expected
 
 
-def test_tp2_seq_parallel_batch_of_one_row_samples_as_tp1(tiny_model):
-    """One row for two ranks: seq-parallel sampling all-gathers the logits instead of splitting."""
-    path = tiny_model("llama")
-    prompts = random_prompts(1, seed=6)
-    params = [MIXED[2]]
-    expected = outputs(LLM(path), prompts, params)
-    assert outputs(LLM(path, tensor_parallel_size=2, tp_sampling="seq_parallel"), prompts, params) == expected
-
-
 def test_a_killed_worker_fails_the_engine_with_its_rank_and_leaves_no_process(tiny_model):
     llm = LLM(tiny_model("llama"), tensor_parallel_size=2)
     procs = list(llm.engine.core.executor.workers.procs.values())

@@ -44,7 +44,7 @@ def tp_size() -> int:
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _size > 1:
-        if _symm_all_reduce is not None and _symm_all_reduce.fits(x):
+        if _symm_all_reduce is not None and _symm_all_reduce.takes(x):
             return _symm_all_reduce(x)
         dist.all_reduce(x, group=_group)
     return x
@@ -56,7 +56,7 @@ def tp_all_reduce_rms_norm(
     """(rms_norm(sum of x + residual), sum of x + residual) in one kernel, the second in place in
     residual, where the one-shot peer-memory path takes x and fused kernels are on; None elsewhere."""
     if (_size > 1 and _symm_all_reduce is not None and kernels.fused_on(x) and residual.dtype == x.dtype
-            and residual.is_contiguous() and _symm_all_reduce.fits_one_shot(x)):
+            and residual.shape == x.shape and residual.is_contiguous() and _symm_all_reduce.fits_one_shot(x)):
         return _symm_all_reduce.push(x, residual, weight, eps)
     return None
 

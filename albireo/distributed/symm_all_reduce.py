@@ -41,7 +41,9 @@ class SymmMemAllReduce:
         self.max_numel = max_bytes // dtype.itemsize
         self.rank = dist.get_rank(group)
         world = dist.get_world_size(group)
-        self.one_shot_max_numel = (one_shot_bytes or one_shot_max_bytes(world)) // dtype.itemsize
+        if one_shot_bytes is None:
+            one_shot_bytes = one_shot_max_bytes(world)
+        self.one_shot_max_numel = one_shot_bytes // dtype.itemsize
 
         self.staging = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         symm_mem.rendezvous(self.staging, group)
@@ -54,16 +56,20 @@ class SymmMemAllReduce:
         self.peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.rounds = torch.zeros(2, dtype=torch.int32, device=device)
 
-    def fits(self, x: torch.Tensor) -> bool:
-        # The two-shot kernel moves 16-byte vectors: the size must be a whole number of them.
-        return (x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.max_numel
-                and (x.numel() * x.element_size()) % 16 == 0)
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether one of the two kernels sums x; the caller sends the rest to NCCL."""
+        return self.fits_one_shot(x) or self.fits_two_shot(x)
 
     def fits_one_shot(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and self.kernels.fits(x, self.one_shot_max_numel)
 
+    def fits_two_shot(self, x: torch.Tensor) -> bool:
+        # The two-shot kernel moves 16-byte vectors: the size must be a whole number of them.
+        return (x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.max_numel
+                and (x.numel() * x.element_size()) % 16 == 0)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place."""
+        """Sum x over the ranks, in place (x must be taken: `takes`)."""
         return self.push(x) if self.fits_one_shot(x) else self.two_shot(x)
 
     def two_shot(self, x: torch.Tensor) -> torch.Tensor:

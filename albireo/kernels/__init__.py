@@ -6,6 +6,8 @@ it from EngineConfig.fused_kernels before the model runs.
 
 import os
 
+import torch
+
 use_fused = True
 
 # The A/B switch for programmatic dependent launch (albireo/kernels/pdl.py): ALBIREO_PDL=0 launches
@@ -15,3 +17,16 @@ use_pdl = os.environ.get("ALBIREO_PDL", "1") != "0"
 
 def fused_on(x) -> bool:
     return use_fused and x.is_cuda
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors (on CPU, where the interpreter runs, an H100's 132)."""
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]

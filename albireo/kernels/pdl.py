@@ -4,10 +4,11 @@ A batch-1 decode step is a chain of about ten short kernels per layer, and betwe
 GPU used to drain the first grid before it started launching the second. On Hopper a kernel
 launched with `launch_pdl=True` may start as soon as every program of the kernel before it has
 called `griddepcontrol.launch_dependents`, so its launch and scheduling overlap that kernel's
-work. Each kernel of the chain therefore begins with `wait_for_previous`: it waits until the
-previous grid has finished (and its writes are visible) before it touches any memory, and only
-then lets its own successor launch, so at most two grids are ever resident and every kernel still
-reads and writes strictly after the one before it.
+work. Each kernel of the chain therefore calls `wait_for_previous` before it touches memory an
+earlier kernel may write: it waits until the previous grid has finished (and its writes are
+visible), and only then lets its own successor launch, so at most two grids are ever resident and
+every kernel still reads and writes strictly after the one before it. What no kernel writes may be
+read before the wait (the GEMV's first weight tile is).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from albireo.kernels import pdl
+from albireo.kernels import pdl, sm_count
 from albireo.kernels.triton_fused import MAX_NORM_BLOCK, norm_num_warps, rms_normalize
 
 ROUNDS = 3
@@ -46,6 +46,7 @@ def _push_all_reduce_kernel(
     w_ptr,
     peers_ptr,  # int64 [world]: the address of each rank's exchange buffer
     round_ptr,  # int32 [2], this rank's: the current round, and how many programs have finished it
+    rows,
     slot_numel,
     N,
     eps,
@@ -58,7 +59,8 @@ def _push_all_reduce_kernel(
     PDL: tl.constexpr,
 ):
     pdl.wait_for_previous(PDL)
-    row = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(0)
+    step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     dtype = x_ptr.dtype.element_ty
@@ -66,43 +68,49 @@ def _push_all_reduce_kernel(
         empty = tl.full([BLOCK], -2147483648, tl.int32).to(dtype, bitcast=True)
     else:
         empty = tl.full([BLOCK], -32768, tl.int16).to(dtype, bitcast=True)
-
     turn = tl.load(round_ptr)
-    x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
-    x = tl.where(_empty(x, WIDE), 0.0, x).to(dtype)
-    round_base = turn.to(tl.int64) * WORLD * slot_numel + row * N + cols
-    for peer in tl.static_range(WORLD):
-        # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
-        buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
-        tl.store(buffer + round_base + RANK * slot_numel, x, mask=mask)
+    round_base = turn.to(tl.int64) * WORLD * slot_numel + cols
+
+    # Every row this program owns goes out before it waits for any: a program never waits on a
+    # peer's program that cannot run, as long as all programs fit on the GPU at once (the grid is
+    # at most one per SM).
+    for row in range(first, rows, step):
+        at = row * N  # < slot_numel: fits int32
+        x = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+        x = tl.where(_empty(x, WIDE), 0.0, x).to(dtype)
+        for peer in tl.static_range(WORLD):
+            # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
+            buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
+            tl.store(buffer + round_base + RANK * slot_numel + at, x, mask=mask)
 
     own = tl.multiple_of(tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype)), 16)
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for src in tl.static_range(WORLD):
-        slot = own + round_base + src * slot_numel
-        v = tl.load(slot, mask=mask, other=0.0, volatile=True)
-        while tl.max((_empty(v, WIDE) & mask).to(tl.int32), axis=0) > 0:
+    for row in range(first, rows, step):
+        at = row * N  # < slot_numel: fits int32
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for src in tl.static_range(WORLD):
+            slot = own + round_base + src * slot_numel + at
             v = tl.load(slot, mask=mask, other=0.0, volatile=True)
-        total += v.to(tl.float32)
-        tl.store(slot, empty, mask=mask)
-    s = total.to(dtype)
-
-    if HAS_NORM:
-        r = tl.load(res_ptr + row * N + cols, mask=mask, other=0.0)
-        s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(res_ptr + row * N + cols, s, mask=mask)
-        s = rms_normalize(s, w_ptr, cols, mask, N, eps)
-    tl.store(out_ptr + row * N + cols, s.to(out_ptr.dtype.element_ty), mask=mask)
+            while tl.max((_empty(v, WIDE) & mask).to(tl.int32), axis=0) > 0:
+                v = tl.load(slot, mask=mask, other=0.0, volatile=True)
+            total += v.to(tl.float32)
+            tl.store(slot, empty, mask=mask)
+        s = total.to(dtype)
+        if HAS_NORM:
+            r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
+            s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            tl.store(res_ptr + at + cols, s, mask=mask)
+            s = rms_normalize(s, w_ptr, cols, mask, N, eps)
+        tl.store(out_ptr + at + cols, s.to(out_ptr.dtype.element_ty), mask=mask)
 
     # The last program to finish moves this rank on to the next round; every program read the
     # round before it arrived here, and the next call starts only after this kernel has ended.
-    if tl.atomic_add(round_ptr + 1, 1) == tl.num_programs(0) - 1:
+    if tl.atomic_add(round_ptr + 1, 1) == step - 1:
         tl.store(round_ptr + 1, 0)
         tl.store(round_ptr, (turn + 1) % ROUNDS)
 
 
 def fits(x: torch.Tensor, slot_numel: int) -> bool:
-    """Whether the push kernel takes x: one program per row of its last dimension."""
+    """Whether the push kernel takes x: rows of its last dimension, each whole in one program."""
     return (x.is_contiguous() and x.dim() >= 1 and 0 < x.numel() <= slot_numel
             and x.shape[-1] <= MAX_NORM_BLOCK and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
@@ -116,6 +124,7 @@ def push_all_reduce(
     residual: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     eps: float = 0.0,
+    max_programs: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The sum of x over the ranks, in place in x; with a residual and a norm weight, instead
     (rms_norm(sum + residual), sum + residual), the second written into the residual in place.
@@ -123,7 +132,8 @@ def push_all_reduce(
     `peers` holds the address of every rank's exchange buffer (ROUNDS * world * slot_numel elements
     of x's dtype, all -0.0 before the first call) and `rounds` this rank's round counter (int32 [2],
     zeros before the first call); every rank must make the same sequence of calls. The residual must
-    have x's dtype (it is written in place).
+    have x's dtype (it is written in place). The grid is one program per row, at most `max_programs`
+    (by default one per SM, so that every program is on the GPU at once while it waits).
     """
     n = x.shape[-1]
     rows = x.numel() // n
@@ -131,8 +141,8 @@ def push_all_reduce(
     has_norm = residual is not None
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) if has_norm else x
     on = pdl.enabled(x)
-    _push_all_reduce_kernel[(rows,)](
-        x, out, residual if has_norm else x, weight if has_norm else x, peers, rounds, slot_numel, n, eps,
+    _push_all_reduce_kernel[(min(rows, max_programs or sm_count(x.device)),)](
+        x, out, residual if has_norm else x, weight if has_norm else x, peers, rounds, rows, slot_numel, n, eps,
         RANK=rank, WORLD=peers.numel(), ROUNDS=ROUNDS, WIDE=x.element_size() == 4, HAS_NORM=has_norm, BLOCK=block, PDL=on,
         num_warps=norm_num_warps(block), launch_pdl=on,
     )

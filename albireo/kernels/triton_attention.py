@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from albireo.kernels import pdl
+from albireo.kernels import pdl, sm_count
 
 # Tunables (H100 defaults; the lead engineer benchmarks these).
 # Keys per inner-loop iteration. Any size is correct (K/V are gathered per position); a multiple or
@@ -368,22 +368,12 @@ def _decode_merge_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side
 
-_sm_counts: dict[int, int] = {}
 # One growing fp32 scratch buffer per device for the split-K partials. Reusing it gives a CUDA
 # graph the same pointer on every replay. A buffer that gets outgrown is kept alive, not freed: a
 # graph captured earlier may still point at it. All users run on one stream, in order, so layers
 # can share it.
 _scratch: dict[torch.device, torch.Tensor] = {}
 _retired_scratch: list[torch.Tensor] = []
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # interpreter runs on CPU: pretend to be an H100 so split choices match
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
 
 
 def _scratch_buffer(device: torch.device, numel: int) -> torch.Tensor:
@@ -400,7 +390,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device
     """Splits per (sequence, KV head) for decode: enough programs for WAVES per SM, at most
     MAX_SPLITS, and no more than the KV tiles the block table can hold."""
     programs = max(num_seqs * num_kv_heads, 1)
-    splits = triton.cdiv(WAVES * _sm_count(device), programs)
+    splits = triton.cdiv(WAVES * sm_count(device), programs)
     return max(1, min(splits, MAX_SPLITS, triton.cdiv(max_kv_len, KV_TILE)))
 
 

@@ -169,16 +169,7 @@ class ModelRunner:
 
     def _decode_forward(self, size: int, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
-        return self.model.compute_logits(hidden, gather=not self._splits_sampling(size))
-
-    def _splits_sampling(self, rows: int) -> bool:
-        """Whether `rows` rows of logits are sampled sequence-parallel, each rank its share.
-
-        With fewer rows than ranks some ranks would sample nothing while every rank still paid two
-        collectives (all-to-all, then all-gather of the tokens) for one; such a batch all-gathers
-        the logits instead, and every rank samples it as at TP=1.
-        """
-        return self.seq_parallel and rows >= tp_size()
+        return self.model.compute_logits(hidden, gather=not self.seq_parallel)
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -288,11 +279,8 @@ class ModelRunner:
         samples = [i for i, s in enumerate(states) if s.num_computed_tokens == s.num_tokens + s.num_pending]
         sampling_states = [states[i] for i in samples]
         sampled_ids = [req_ids[i] for i in samples]
-        decode_only = bool(samples) and int(counts.max()) == 1 and load_step is None
-        graph_size = self._graph_size(len(states)) if decode_only else None
-        split = self._splits_sampling(len(samples) if graph_size is None else graph_size)
         sampling_rows = metadata = None
-        if split:
+        if self.seq_parallel:
             sampling_rows = sampling_rows_of(sampling_states)
         elif samples:
             metadata = self._sampling_metadata(sampled_ids, sampling_states)
@@ -300,6 +288,10 @@ class ModelRunner:
             state.num_pending += 1
 
         marks = [self._mark()] if self.config.profile_steps else None
+        # The graph's logits are one row per request: every request must sample (a one-token chunk
+        # of a longer prompt does not).
+        decode_only = bool(samples) and len(samples) == len(states) and int(counts.max()) == 1 and load_step is None
+        graph_size = self._graph_size(len(states)) if decode_only else None
         if graph_size is not None:
             self._stage(rows, starts, counts, carried, pad_to=graph_size)
             graph, graph_logits = self.graphs[graph_size]
@@ -320,10 +312,10 @@ class ModelRunner:
                 self.prev_end = None  # a step without samples is not profiled: no gap to measure
                 return None
             last = to_device((np.cumsum(counts)[samples] - 1).tolist(), torch.int64, self.device)
-            logits = self.model.compute_logits(hidden[last], gather=not split)
+            logits = self.model.compute_logits(hidden[last], gather=not self.seq_parallel)
         if marks is not None:
             marks.append(self._mark())
-        if split:
+        if self.seq_parallel:
             out = seq_parallel_sample(self.sampler, logits, sampling_rows, self.config.arch.vocab_size)
         else:
             out = self.sampler(logits, metadata)

@@ -9,6 +9,11 @@ logits traffic both divide by t.
 
 A row's token depends only on its own logits and parameters (seeded rows draw from a per-row
 stream), so the tokens are those of the all-gather path whichever rank samples the row.
+
+Each rank draws random numbers only for its own rows, so the ranks' random states part ways. That
+is harmless only because every token reaches every rank through the all-gather: a step that let
+each rank sample unseeded rows by itself (the all-gather path) would then draw different tokens on
+different ranks. A run therefore keeps one sampling path throughout.
 """
 
 from __future__ import annotations

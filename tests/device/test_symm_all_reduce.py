@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
-# One-shot sizes (the push kernel), two-shot sizes, and one past the limit (NCCL).
-NUMELS = [8, 4096, 3 * 4096, 32 * 4096, 64 * 4096, 512 * 4096, 8 * 2**20 // 2 + 4096]
+# Shapes of one-shot sizes (the push kernel at every TP size up to 512 KiB, and at TP=2 up to
+# 8 MiB), two-shot sizes at TP > 2, and one past 8 MiB (NCCL).
+SHAPES = [(8,), (1, 4096), (3, 4096), (32, 4096), (64, 4096), (512, 4096), (2048 + 1, 4096)]
 
 
 def _spawn(target, world, *args):
@@ -44,9 +45,9 @@ def _sums(rank, world, port, queue, dtype):
 
     ps = _join(rank, world, port, dtype)
     worst = 0.0
-    for numel in NUMELS:
+    for shape in SHAPES:
         for _ in range(3):  # fresh inputs each time: the rounds of the exchange buffers turn over
-            x = torch.randn(numel, device="cuda", dtype=dtype)
+            x = torch.randn(shape, device="cuda", dtype=dtype)
             expected = x.clone()
             dist.all_reduce(expected)
             eager = ps.tp_all_reduce(x.clone())
@@ -77,14 +78,17 @@ def test_symm_all_reduce_equals_nccl(dtype, world):
         assert worst <= (0.0625 * (world - 2) if dtype == torch.bfloat16 else 1e-5)
 
 
-def _graph_of_odd_calls(rank, world, port, queue):
-    """A graph of three all-reduces (an odd number of rounds) replayed back to back with eager
-    calls in between: the round must come from the device, or a replay reuses a live buffer."""
+def _graph_replays_between_eager_calls(rank, world, port, queue):
+    """A graph of two all-reduces (not a multiple of the three rounds) replayed again and again,
+    with an eager call between some replays: each call must take its round from the device, or a
+    replay would write into a buffer a peer is still reading."""
     import torch.distributed as dist
 
     ps = _join(rank, world, port, torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(rank)
-    xs = [torch.empty(2, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    xs = [torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2)]
+    for x in xs:  # compile and warm up outside the capture
+        ps.tp_all_reduce(x.clone())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         for x in xs:
@@ -98,16 +102,19 @@ def _graph_of_odd_calls(rank, world, port, queue):
         for x, value in zip(xs, inputs):
             x.copy_(value)
         graph.replay()
-        if step % 3 == 0:
-            ps.tp_all_reduce(torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=g))
         wrong += sum(int(not torch.equal(x, e)) for x, e in zip(xs, expected))
+        if step % 3 == 0:
+            eager = torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=g)
+            expected_eager = eager.clone()
+            dist.all_reduce(expected_eager)
+            wrong += int(not torch.equal(ps.tp_all_reduce(eager), expected_eager))
     dist.barrier()
     if rank == 0:
         queue.put(wrong)
 
 
-def test_graph_replays_with_an_odd_number_of_calls_stay_correct():
-    assert _spawn(_graph_of_odd_calls, 2) == 0
+def test_graph_replays_between_eager_calls_stay_correct():
+    assert _spawn(_graph_replays_between_eager_calls, 2) == 0
 
 
 def _fused(rank, world, port, queue):
