@@ -20,28 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.record import write_record  # noqa: E402
+from albireo.bench.record import graph_us, write_record  # noqa: E402
 from albireo.distributed.symm_all_reduce import MAX_BYTES, SymmMemAllReduce  # noqa: E402
 from albireo.layers.norm import RMSNorm  # noqa: E402
 
 CALLS_PER_STEP = 64
 BATCHES = (1, 8, 32, 64, 128, 256, 512, 1024)
-
-
-def _graph_us(fn, x: torch.Tensor) -> float:
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        for _ in range(CALLS_PER_STEP):
-            fn(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (20 * CALLS_PER_STEP)
 
 
 def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
@@ -74,7 +58,8 @@ def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
                 got = x.clone()
                 fn(got)
                 row[f"{name}_max_abs_diff"] = (got.float() - expected.float()).abs().max().item()
-            row[f"{name}_us"] = _graph_us(fn, x.clone())
+            timed = x.clone()
+            row[f"{name}_us"] = graph_us(lambda: [fn(timed) for _ in range(CALLS_PER_STEP)], CALLS_PER_STEP)
         results[batch] = row
         if rank == 0:
             print(f"tp={world} batch={batch:5d} ({row['bytes'] / 1024:7.1f} KiB) us per call in a graph: "

@@ -15,7 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from albireo.bench.record import device_name, git_commit
+from albireo.bench.record import device_name, git_commit, graph_us
 from albireo.kernels.triton_fused import silu_and_mul
 from albireo.kernels.triton_gemv import CONFIGS, gemv
 
@@ -33,24 +33,7 @@ SHAPES = {  # name: (N, K, silu_mul: the GEMV reads a [gate | up] row of 2K and 
     "down_silu_tp2": (4096, 7168, True),
 }
 CALLS = 40
-
-
-def time_graph(fn, iters: int = 5) -> float:
-    """Microseconds per call of fn (which makes CALLS calls), captured in a graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (iters * CALLS)
+REPLAYS = 5
 
 
 def copy_bandwidth() -> float:
@@ -86,12 +69,15 @@ def main() -> None:
             got = gemv(x, weights[0], silu)
             err = ((got.float() - expect).abs().max() / expect.abs().max()).item()
             # cuBLAS's side pays for its separate activation kernel too.
-            row = {"rel_err": err, "cublas_us": time_graph(
-                lambda: [F.linear(silu_and_mul(x) if silu else x, weights[i % copies]) for i in range(CALLS)])}
-            row["gemv_default_us"] = time_graph(lambda: [gemv(x, weights[i % copies], silu) for i in range(CALLS)])
+            row = {"rel_err": err, "cublas_us": graph_us(
+                lambda: [F.linear(silu_and_mul(x) if silu else x, weights[i % copies]) for i in range(CALLS)],
+                CALLS, REPLAYS)}
+            row["gemv_default_us"] = graph_us(
+                lambda: [gemv(x, weights[i % copies], silu) for i in range(CALLS)], CALLS, REPLAYS)
             best = None
             for config in CONFIGS:
-                us = time_graph(lambda: [gemv(x, weights[i % copies], silu, config) for i in range(CALLS)])
+                us = graph_us(lambda: [gemv(x, weights[i % copies], silu, config) for i in range(CALLS)],
+                              CALLS, REPLAYS)
                 row[f"gemv_{'_'.join(map(str, config))}_us"] = us
                 if best is None or us < best[1]:
                     best = (config, us)

@@ -1,4 +1,5 @@
-"""Benchmark records: one JSON file per run under benchmarks/results/, and an NVML energy meter."""
+"""Benchmark records: one JSON file per run under benchmarks/results/, an NVML energy meter, and
+the CUDA-graph timer of the kernel micro-benchmarks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,3 +131,22 @@ class MeasuredRegion:
         if self.timeline is not None:
             out["step_breakdown"] = self.summary().as_record()
         return out
+
+
+def graph_us(step: Callable[[], object], calls: int, replays: int = 20) -> float:
+    """Microseconds per call of `step`, which makes `calls` calls: captured once in a CUDA graph and
+    replayed, after one eager run (compilation, allocation) outside the capture."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # NCCL's watchdog thread may query
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * calls)
