@@ -119,9 +119,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        """Logits for all of the vocabulary, or with gather=False only this rank's shard of it."""
+        """Float32 logits for all of the vocabulary, or with gather=False only this rank's shard of
+        it in the model's dtype (the exchange that follows moves half the bytes; widening is exact)."""
         if not gather:
-            return self.lm_head.local_logits(hidden).float()
+            return self.lm_head.local_logits(hidden)
         return self.lm_head.compute_logits(hidden).float()
 
     def attention_layers(self) -> list[Attention]:
