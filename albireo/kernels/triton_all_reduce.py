@@ -143,7 +143,7 @@ def push_all_reduce(
     on = pdl.enabled(x)
     _push_all_reduce_kernel[(min(rows, max_programs or sm_count(x.device)),)](
         x, out, residual if has_norm else x, weight if has_norm else x, peers, rounds, rows, slot_numel, n, eps,
-        RANK=rank, WORLD=peers.numel(), ROUNDS=ROUNDS, WIDE=x.element_size() == 4, HAS_NORM=has_norm, BLOCK=block, PDL=on,
-        num_warps=norm_num_warps(block), launch_pdl=on,
+        RANK=rank, WORLD=peers.numel(), ROUNDS=ROUNDS, WIDE=x.element_size() == 4, HAS_NORM=has_norm,
+        BLOCK=block, PDL=on, num_warps=norm_num_warps(block), launch_pdl=on,
     )
     return (out, residual) if has_norm else out

@@ -137,7 +137,8 @@ def _fused(rank, world, port, queue):
         assert fused is not None
         got_out, returned = fused
         assert returned is got_residual
-        mismatches += int(not torch.equal(got_out, expected_out)) + int(not torch.equal(got_residual, expected_residual))
+        mismatches += int(not torch.equal(got_out, expected_out))
+        mismatches += int(not torch.equal(got_residual, expected_residual))
     dist.barrier()
     if rank == 0:
         queue.put(mismatches)
