@@ -8,6 +8,7 @@ child process with TRITON_INTERPRET=1 (see `run_in_subprocess`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -75,3 +76,19 @@ def subprocess_test(test_file: str, in_process: bool):
 def only_interpreted(in_process: bool):
     """Marks the tests that need this process to run the interpreter."""
     return pytest.mark.skipif(not in_process, reason="triton is compiled here; the subprocess test runs these")
+
+
+def require_triton() -> None:
+    """Skip the calling test module where triton is not installed, without importing it (an import
+    now would come before the interpreter could be switched on)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed", allow_module_level=True)
+
+
+def kernel_test_module(test_file: str):
+    """The set-up of a kernel test module, called at its top before it imports any kernel: returns
+    (whether its tests run in this process, the marker for those tests, the stand-in test that
+    re-runs the module in a child process, to assign to a `test_` name)."""
+    require_triton()
+    in_process = enable()
+    return in_process, only_interpreted(in_process), subprocess_test(test_file, in_process)

@@ -1,15 +1,15 @@
 """The one-shot push all-reduce kernel, on CPU: three processes stand in for three GPUs, each running
 the kernel in Triton's interpreter over exchange buffers in shared memory."""
 
-import importlib.util
 import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+import interpreter
+
+interpreter.require_triton()
 
 WORLD, ROWS, HIDDEN, EPS = 3, 3, 64, 1e-5
 # (fused with add + RMSNorm, programs): more calls than rounds, so buffers are reused; some with

@@ -6,23 +6,14 @@ Shapes stay small: the interpreter runs every program of the grid in Python.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+import interpreter
 
-
-import interpreter  # noqa: E402
-
-IN_PROCESS = interpreter.enable()
+IN_PROCESS, interpreted, test_in_interpreter_subprocess = interpreter.kernel_test_module(__file__)
 
 from albireo.kernels import reference  # noqa: E402
-
-interpreted = interpreter.only_interpreted(IN_PROCESS)
-test_in_interpreter_subprocess = interpreter.subprocess_test(__file__, IN_PROCESS)
 
 if IN_PROCESS:
     from albireo.kernels import triton_attention as ta

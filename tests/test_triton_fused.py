@@ -8,17 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+import interpreter
 
-import interpreter  # noqa: E402
-
-_IN_PROCESS = interpreter.enable()
+_IN_PROCESS, _, test_in_interpreter_subprocess = interpreter.kernel_test_module(__file__)
 
 from albireo.layers.norm import RMSNorm  # noqa: E402
 from albireo.layers.rotary import RotaryEmbedding  # noqa: E402
-
-
-test_in_interpreter_subprocess = interpreter.subprocess_test(__file__, _IN_PROCESS)
 
 
 @pytest.fixture(scope="module")

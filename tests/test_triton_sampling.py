@@ -1,21 +1,12 @@
 """The one-pass Gumbel sampling kernel, on CPU through the Triton interpreter."""
 
-import importlib.util
-
-import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
+import interpreter
 
-import interpreter  # noqa: E402
-
-IN_PROCESS = interpreter.enable()
+IN_PROCESS, interpreted, test_in_interpreter_subprocess = interpreter.kernel_test_module(__file__)
 if IN_PROCESS:
     from albireo.kernels.triton_sampling import gumbel_sample
-
-interpreted = interpreter.only_interpreted(IN_PROCESS)
-test_in_interpreter_subprocess = interpreter.subprocess_test(__file__, IN_PROCESS)
 
 
 def seeds(n: int, start: int = 0) -> torch.Tensor:
