@@ -52,7 +52,7 @@ class SymmMemAllReduce:
         exchange.fill_(-0.0)  # every slot empty before any peer can write
         torch.cuda.synchronize(device)
         handle = symm_mem.rendezvous(exchange, group)
-        self.exchange = exchange
+        self.exchange = exchange  # held: the peers' copies of `peers` point into it
         self.peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.rounds = torch.zeros(2, dtype=torch.int32, device=device)
 
