@@ -74,7 +74,9 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
         host.disable()
-        pstats.Stats(host).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(host)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(30)
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()

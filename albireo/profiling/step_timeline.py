@@ -26,6 +26,8 @@ class StepSummary:
     num_steps: int
     wall_ms: float
     phases_ms: dict[str, float]
+    # Each phase's milliseconds step by step, to see how a run's steps change (prefill, then decode).
+    per_step_ms: dict[str, list[float]] | None = None
 
     @property
     def gpu_busy_ms(self) -> float:
@@ -51,6 +53,7 @@ class StepSummary:
             "phases_ms_per_step": self.phases_ms,
             "serial_fraction": self.serial_fraction,
             "gpu_idle_fraction": self.gpu_idle_fraction,
+            "per_step_ms": {name: [round(ms, 3) for ms in values] for name, values in (self.per_step_ms or {}).items()},
         }
 
 
@@ -88,4 +91,5 @@ class StepTimeline:
             name: statistics.fmean(self.samples[name]) if self.samples[name] else 0.0
             for name in HOST_PHASES + DEVICE_PHASES
         }
-        return StepSummary(self.steps, wall, phases)
+        per_step = {name: list(self.samples[name]) for name in HOST_PHASES + DEVICE_PHASES if self.samples[name]}
+        return StepSummary(self.steps, wall, phases, per_step)
