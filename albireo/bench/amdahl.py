@@ -65,7 +65,7 @@ def fit_measured(cost: dict[int, float]) -> dict:
     return {"shrinking": a, "not_shrinking": b, **_prediction({t: a / t + b for t in TP_DEGREES})}
 
 
-def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, float | None, int]:
+def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, float | None, int | None, int]:
     llm = make_llm()
     engine = llm.engine
     prompts = random_prompts(args.num_prompts, args.input_len, engine.config.arch.vocab_size)
@@ -76,14 +76,14 @@ def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, fl
         outputs = llm.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    summary, joules_per_token = region.summary(), region.joules_per(tokens)
+    summary, joules_per_token, retries = region.summary(), region.joules_per(tokens), region.retries
     layers = engine.config.arch.num_layers
     engine.shutdown()
     del llm, engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return summary, tokens / elapsed, joules_per_token, 2 * layers
+    return summary, tokens / elapsed, joules_per_token, retries, 2 * layers
 
 
 def plot(results: dict[str, StepSummary], path: Path) -> None:
@@ -116,11 +116,12 @@ def run(args: argparse.Namespace, make_llm) -> dict:
                     "output_len": args.output_len, "num_prompts": args.num_prompts, "modes": {}}
     for mode in ("async", "sync"):
         args.async_scheduling = mode == "async"
-        summary, tokens_per_s, joules_per_token, allreduces = _profile(args, make_llm)
+        summary, tokens_per_s, joules_per_token, retries, allreduces = _profile(args, make_llm)
         results[mode] = summary
         record["modes"][mode] = {
             "output_tokens_per_s": tokens_per_s,
             "joules_per_output_token": joules_per_token,
+            "allocator_retries": retries,
             **summary.as_record(),
         }
         if args.tensor_parallel_size == 1:  # the model extrapolates from one GPU's step
@@ -129,7 +130,8 @@ def run(args: argparse.Namespace, make_llm) -> dict:
         print(f"{mode}: {tokens_per_s:.0f} tok/s, {summary.wall_ms:.2f} ms/step, serial fraction "
               f"{summary.serial_fraction:.3f}, GPU idle {summary.gpu_idle_fraction:.1%}, "
               f"predicted best TP {m.get('predicted_best_tp', '-')}"
-              + ("" if joules_per_token is None else f", {joules_per_token:.4f} J per output token"))
+              + ("" if joules_per_token is None else f", {joules_per_token:.4f} J per output token")
+              + ("" if retries is None else f", {retries} allocator retries"))
         print("  " + ", ".join(f"{k} {v:.2f}" for k, v in summary.phases_ms.items()))
     png = Path(args.out_dir) / f"amdahl-{args.workload}-{args.model_name}-tp{args.tensor_parallel_size}.png"
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -109,15 +109,23 @@ class MeasuredRegion:
         self.timeline = llm.engine.core.timeline
         self.meter = EnergyMeter(llm.engine.config.parallel.tensor_parallel_size)
         self.joules: float | None = None
+        # The allocator's retries (each frees its cache, which synchronizes the device) in this
+        # process: the model runs here at TP=1.
+        self.allocator = torch.cuda.is_initialized()
+        self.retries: int | None = None
 
     def __enter__(self) -> MeasuredRegion:
         if self.timeline is not None:
             self.timeline.reset()  # drop the warm-up's steps
+        if self.allocator:
+            self.retries = -torch.cuda.memory_stats()["num_alloc_retries"]
         self.meter.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.joules = self.meter.stop()
+        if self.allocator:
+            self.retries += torch.cuda.memory_stats()["num_alloc_retries"]
 
     def joules_per(self, num_output_tokens: int) -> float | None:
         return None if self.joules is None else self.joules / num_output_tokens
@@ -127,7 +135,7 @@ class MeasuredRegion:
         return self.timeline.summary()
 
     def fields(self, num_output_tokens: int) -> dict:
-        out = {"joules_per_output_token": self.joules_per(num_output_tokens)}
+        out = {"joules_per_output_token": self.joules_per(num_output_tokens), "allocator_retries": self.retries}
         if self.timeline is not None:
             out["step_breakdown"] = self.summary().as_record()
         return out

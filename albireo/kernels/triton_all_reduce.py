@@ -38,7 +38,7 @@ def _empty(v, WIDE: tl.constexpr):
         return v.to(tl.int16, bitcast=True) == -32768
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # one compiled variant for every batch size
 def _push_all_reduce_kernel(
     x_ptr,
     out_ptr,

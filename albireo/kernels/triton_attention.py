@@ -177,7 +177,9 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit
+# num_seqs changes every step: one compiled variant for all of them, not one per divisibility class
+# (a fresh variant compiles in the middle of a run).
+@triton.jit(do_not_specialize=["num_seqs"])
 def _mixed_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,

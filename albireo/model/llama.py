@@ -119,11 +119,12 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        """Float32 logits for all of the vocabulary, or with gather=False only this rank's shard of
-        it in the model's dtype (the exchange that follows moves half the bytes; widening is exact)."""
+        """Logits for all of the vocabulary, or with gather=False only this rank's shard of it, in the
+        model's dtype: the sampler widens them to float32 as it reads them (exact), so no pass
+        writes a float32 copy and a TP exchange moves half the bytes at bf16."""
         if not gather:
             return self.lm_head.local_logits(hidden)
-        return self.lm_head.compute_logits(hidden).float()
+        return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

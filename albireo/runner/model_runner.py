@@ -124,7 +124,7 @@ class ModelRunner:
         meta = self._stage(np.array([0]), np.array([0]), np.array([n]), [])
         hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
         logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
-        torch.softmax(logits, dim=-1).sort(dim=-1)
+        torch.softmax(logits.float(), dim=-1).sort(dim=-1)  # the sampler's filtering path, in float32
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         for layer in self.model.attention_layers():

@@ -118,6 +118,12 @@ class SamplingMetadata:
     def batch_size(self) -> int:
         return self.temperature.shape[0]
 
+    @property
+    def fused_alone(self) -> bool:
+        """Whether the one-pass kernel is the whole pipeline: no filter, penalty, min_tokens or logprobs."""
+        return (self.filtered_rows is None and self.max_num_logprobs is None and self.min_tokens_block is None
+                and self.output_token_ids is None)
+
     def for_next_step(self) -> SamplingMetadata:
         """This metadata for the same rows one step later (only valid when `reusable`)."""
         assert self.reusable
@@ -408,6 +414,12 @@ class Sampler(torch.nn.Module):
         assert logits.shape[1] == metadata.vocab_size, (
             f"logits have {logits.shape[1]} columns, metadata expects vocab_size={metadata.vocab_size}"
         )
+        if metadata.fused_seeds is not None and metadata.fused_alone:
+            from albireo.kernels.triton_sampling import gumbel_sample
+
+            # The kernel widens each logit to float32 as it reads it: no float32 copy of [B, V].
+            return SamplerOutput(gumbel_sample(logits, metadata.fused_temperature, metadata.fused_seeds),
+                                 None, None, None)
         logits = logits.float()
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:

@@ -30,15 +30,15 @@ _PADDING_ROW = SamplingRow(SamplingParams(temperature=0), [], [], [])
 
 
 def rows_to_full_vocab(local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B_pad, V/t] shards on every rank -> [B_pad/t, vocab_size] float32 full rows for this rank's
-    slice (the shards travel in their own dtype)."""
+    """[B_pad, V/t] shards on every rank -> [B_pad/t, vocab_size] full rows for this rank's slice,
+    in the shards' dtype."""
     t = ps.tp_size()
     rows, shard = local_logits.shape
     received = torch.empty_like(local_logits)
     # Chunk s of the rows goes to rank s; what arrives is this rank's rows, one vocab shard per rank.
     dist.all_to_all_single(received, local_logits.contiguous(), group=ps.tp_group())
     full = received.view(t, rows // t, shard).permute(1, 0, 2).reshape(rows // t, t * shard)
-    return full[:, :vocab_size].float()
+    return full[:, :vocab_size]
 
 
 def _gather_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
