@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--skip-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--trace", default=None, help="also write the profiled steps' Chrome trace here")
     p.add_argument("--host", action="store_true", help="cProfile the host side instead")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     args = p.parse_args()
@@ -84,6 +85,8 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
     lines = [

@@ -109,23 +109,27 @@ class MeasuredRegion:
         self.timeline = llm.engine.core.timeline
         self.meter = EnergyMeter(llm.engine.config.parallel.tensor_parallel_size)
         self.joules: float | None = None
-        # The allocator's retries (each frees its cache, which synchronizes the device) in this
-        # process: the model runs here at TP=1.
+        # The allocator's retries (each frees its cache, which synchronizes the device) and fresh
+        # cudaMallocs in this process: the model runs here at TP=1.
         self.allocator = torch.cuda.is_initialized()
         self.retries: int | None = None
+        self.mallocs: int | None = None
 
     def __enter__(self) -> MeasuredRegion:
         if self.timeline is not None:
             self.timeline.reset()  # drop the warm-up's steps
         if self.allocator:
-            self.retries = -torch.cuda.memory_stats()["num_alloc_retries"]
+            stats = torch.cuda.memory_stats()
+            self.retries, self.mallocs = -stats["num_alloc_retries"], -stats["num_device_alloc"]
         self.meter.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.joules = self.meter.stop()
         if self.allocator:
-            self.retries += torch.cuda.memory_stats()["num_alloc_retries"]
+            stats = torch.cuda.memory_stats()
+            self.retries += stats["num_alloc_retries"]
+            self.mallocs += stats["num_device_alloc"]
 
     def joules_per(self, num_output_tokens: int) -> float | None:
         return None if self.joules is None else self.joules / num_output_tokens
@@ -135,7 +139,8 @@ class MeasuredRegion:
         return self.timeline.summary()
 
     def fields(self, num_output_tokens: int) -> dict:
-        out = {"joules_per_output_token": self.joules_per(num_output_tokens), "allocator_retries": self.retries}
+        out = {"joules_per_output_token": self.joules_per(num_output_tokens), "allocator_retries": self.retries,
+               "cuda_mallocs": self.mallocs}
         if self.timeline is not None:
             out["step_breakdown"] = self.summary().as_record()
         return out

@@ -50,5 +50,5 @@ def run(args: argparse.Namespace, make_llm) -> dict:
         **region.fields(num_out),
     }
     print(f"{args.workload}: {record['output_tokens_per_s']:.1f} output tokens/s, "
-          f"{record['requests_per_s']:.2f} requests/s, {elapsed:.2f} s, allocator retries {region.retries}")
+          f"{record['requests_per_s']:.2f} requests/s, {elapsed:.2f} s, allocator retries {region.retries}, cudaMallocs {region.mallocs}")
     return record
