@@ -9,6 +9,7 @@ nearest batch-size bucket.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class ModelRunner:
         # all-to-all, instead of every rank gathering all logits and sampling every row.
         self.seq_parallel = tp_size() > 1 and config.parallel.sampling == "seq_parallel"
         self.max_num_reqs = config.scheduler.max_num_seqs
+        self.logits_buckets = graph_batch_sizes(self.max_num_reqs)
         self.batch = InputBatch(self.max_num_reqs, config.max_model_len, self.block_size)
         self.kv_cache: torch.Tensor | None = None
         self.offload: HostKVTier | None = None
@@ -311,8 +313,14 @@ class ModelRunner:
                 self.prev_tokens, self.prev_index = None, {}
                 self.prev_end = None  # a step without samples is not profiled: no gap to measure
                 return None
-            last = to_device((np.cumsum(counts)[samples] - 1).tolist(), torch.int64, self.device)
-            logits = self.model.compute_logits(hidden[last], gather=not self.seq_parallel)
+            last = np.cumsum(counts)[samples] - 1
+            # The LM head runs on a decode-graph bucket of rows (the last row repeated): cuBLAS
+            # prepares a kernel for each new GEMM shape on the host, tens of milliseconds that stall
+            # the launch, and the graphs' capture already prepared these shapes.
+            rows = bisect.bisect_left(self.logits_buckets, len(last))
+            padded = self.logits_buckets[rows] if rows < len(self.logits_buckets) else len(last)
+            last = to_device(np.pad(last, (0, padded - len(last)), mode="edge"), torch.int64, self.device)
+            logits = self.model.compute_logits(hidden[last], gather=not self.seq_parallel)[: len(samples)]
         if marks is not None:
             marks.append(self._mark())
         if self.seq_parallel:
