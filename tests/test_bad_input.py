@@ -81,7 +81,8 @@ def test_max_tokens_that_cannot_fit(llm):
     assert len(out.outputs[0].token_ids) == 14 and out.outputs[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("prompt", [[5, VOCAB_SIZE], [-1, 5], [5, 3.0]], ids=["too-large", "negative", "float"])
+@pytest.mark.parametrize("prompt", [[5, VOCAB_SIZE], [-1, 5], [5, 3.0], [5, "7"], [[5, 6], [7, 8]], [5, [6]]],
+                         ids=["too-large", "negative", "float", "text", "nested", "ragged"])
 def test_prompt_ids_outside_vocabulary(llm, prompt):
     with pytest.raises(ValueError, match=rf"prompts\[0\].*token ids.*\[0, {VOCAB_SIZE}\)"):
         llm.generate([prompt], use_tqdm=False)

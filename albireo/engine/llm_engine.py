@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from albireo.config import EngineConfig
 from albireo.core.scheduler import EngineCoreOutput
 from albireo.engine.detokenizer import IncrementalDetokenizer
@@ -65,7 +67,11 @@ class LLMEngine:
         vocab = self.config.arch.vocab_size
         if n == 0:
             raise ValueError("prompt is empty: at least one token is needed")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+        try:
+            ids = np.asarray(prompt_ids)  # one C pass, not a Python check per token (W1: 1000 x 1024 tokens)
+        except (TypeError, ValueError):  # ragged nesting
+            ids = None
+        if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if n >= limit:
             raise ValueError(
