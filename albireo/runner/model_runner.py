@@ -9,6 +9,7 @@ nearest batch-size bucket.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ from albireo.runner.kv_offload import HostKVTier, LoadStep, timing_event
 from albireo.distributed.parallel_state import tp_size
 from albireo.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, to_device
 from albireo.sampling.seq_parallel import seq_parallel_sample
+
+# Step inputs and sampled tokens on copy streams of their own; ALBIREO_COPY_STREAMS=0 for A/B runs.
+COPY_STREAMS = os.environ.get("ALBIREO_COPY_STREAMS", "1") != "0"
 
 
 @dataclass
@@ -88,8 +92,9 @@ class ModelRunner:
         self.tokens_home = [torch.zeros(self.max_num_reqs, dtype=torch.int64, pin_memory=on_gpu) for _ in range(2)]
         # Inputs go in and tokens come out on streams of their own, so the copies wait on the
         # compute stream only as far as they must, and never sit between two steps' kernels.
-        self.copy_in = torch.cuda.Stream(device) if on_gpu else None
-        self.copy_out = torch.cuda.Stream(device) if on_gpu else None
+        # ALBIREO_COPY_STREAMS=0 keeps both copies on the compute stream (for A/B runs).
+        self.copy_in = torch.cuda.Stream(device) if on_gpu and COPY_STREAMS else None
+        self.copy_out = torch.cuda.Stream(device) if on_gpu and COPY_STREAMS else None
         # Marks when the last step's staged inputs have left the pinned buffers (and reached the device).
         self.staged: torch.cuda.Event | None = None
         # Marks when the last launched forward has read the device input buffers, which the next
@@ -235,9 +240,11 @@ class ModelRunner:
         tables[:num_reqs, :width] = self.batch.block_table[rows, :width]
 
         if self.device.type == "cuda":
-            with torch.cuda.stream(self.copy_in):
+            compute = torch.cuda.current_stream(self.device)
+            copy_in = self.copy_in or compute
+            with torch.cuda.stream(copy_in):
                 if self.inputs_read is not None:
-                    self.copy_in.wait_event(self.inputs_read)
+                    copy_in.wait_event(self.inputs_read)
                 for dst, src, n in (
                     (self.input_ids, self.input_ids_host, padded_tokens),
                     (self.positions, self.positions_host, padded_tokens),
@@ -249,8 +256,8 @@ class ModelRunner:
                 self.block_tables[:num_reqs, :width].copy_(self.block_tables_host[:num_reqs, :width],
                                                            non_blocking=True)
                 self.staged = torch.cuda.Event()
-                self.staged.record(self.copy_in)
-            torch.cuda.current_stream(self.device).wait_event(self.staged)
+                self.staged.record(copy_in)
+            compute.wait_event(self.staged)
         if carried:
             dst, src = zip(*carried)
             self.input_ids[to_device(list(dst), torch.int64, self.device)] = self.prev_tokens[
@@ -406,14 +413,15 @@ class ModelRunner:
         outputs = [out.sampled_token_ids]
         if out.logprobs is not None:
             outputs += [out.logprob_token_ids, out.logprobs, out.sampled_ranks]
-        with torch.cuda.stream(self.copy_out):
-            self.copy_out.wait_event(sampled)
+        copy_out = self.copy_out or torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(copy_out):
+            copy_out.wait_event(sampled)
             for t in outputs:
-                t.record_stream(self.copy_out)  # the compute stream may free them before the copy ran
+                t.record_stream(copy_out)  # the compute stream may free them before the copy ran
             host.copy_(out.sampled_token_ids, non_blocking=True)
             logprobs = None if out.logprobs is None else tuple(t.to("cpu", non_blocking=True) for t in outputs[1:])
             event = torch.cuda.Event()
-            event.record(self.copy_out)
+            event.record(copy_out)
         return StepHandle(req_ids, states, host, logprobs, event)
 
     def collect(self, handle: StepHandle | None) -> SampledTokens:
