@@ -32,6 +32,8 @@ def git_commit() -> str:
 
 def engine_facts(llm, args) -> dict:
     """The record fields that describe the engine a benchmark ran on."""
+    from albireo.runner import model_runner
+
     config = llm.engine.config
     return {
         "workload": args.workload,
@@ -44,6 +46,7 @@ def engine_facts(llm, args) -> dict:
         "fused_kernels": config.fused_kernels,
         # Programmatic dependent launch (albireo/kernels/pdl.py), switched off by ALBIREO_PDL=0.
         "pdl": config.device == "cuda" and kernels.use_pdl,
+        "copy_streams": config.device == "cuda" and model_runner.COPY_STREAMS,
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,

@@ -10,6 +10,7 @@ nearest batch-size bucket.
 from __future__ import annotations
 
 import bisect
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ from albireo.runner.kv_offload import HostKVTier, LoadStep, timing_event
 from albireo.distributed.parallel_state import tp_size
 from albireo.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, to_device
 from albireo.sampling.seq_parallel import seq_parallel_sample
+
+# Step inputs and sampled tokens on copy streams of their own; ALBIREO_COPY_STREAMS=0 for A/B runs.
+COPY_STREAMS = os.environ.get("ALBIREO_COPY_STREAMS", "1") != "0"
 
 
 @dataclass
@@ -88,8 +92,16 @@ class ModelRunner:
         self.prev_index: dict[str, int] = {}
         self.num_launched = 0
         self.tokens_home = [torch.zeros(self.max_num_reqs, dtype=torch.int64, pin_memory=on_gpu) for _ in range(2)]
-        # Marks when the last step's staged inputs have left the pinned buffers.
+        # Inputs go in and tokens come out on streams of their own, so the copies wait on the
+        # compute stream only as far as they must, and never sit between two steps' kernels.
+        # ALBIREO_COPY_STREAMS=0 keeps both copies on the compute stream (for A/B runs).
+        self.copy_in = torch.cuda.Stream(device) if on_gpu and COPY_STREAMS else None
+        self.copy_out = torch.cuda.Stream(device) if on_gpu and COPY_STREAMS else None
+        # Marks when the last step's staged inputs have left the pinned buffers (and reached the device).
         self.staged: torch.cuda.Event | None = None
+        # Marks when the last launched forward has read the device input buffers, which the next
+        # step's copies overwrite.
+        self.inputs_read: torch.cuda.Event | None = None
         # End of the last profiled step's GPU work, to measure how long the GPU then sat idle.
         self.prev_end = None
 
@@ -230,17 +242,24 @@ class ModelRunner:
         tables[:num_reqs, :width] = self.batch.block_table[rows, :width]
 
         if self.device.type == "cuda":
-            for dst, src, n in (
-                (self.input_ids, self.input_ids_host, padded_tokens),
-                (self.positions, self.positions_host, padded_tokens),
-                (self.slot_mapping, self.slot_mapping_host, padded_tokens),
-                (self.seq_lens, self.seq_lens_host, padded_reqs),
-                (self.query_start_loc, self.query_start_loc_host, padded_reqs + 1),
-            ):
-                dst[:n].copy_(src[:n], non_blocking=True)
-            self.block_tables[:num_reqs, :width].copy_(self.block_tables_host[:num_reqs, :width], non_blocking=True)
-            self.staged = torch.cuda.Event()
-            self.staged.record()
+            compute = torch.cuda.current_stream(self.device)
+            copy_in = self.copy_in or compute
+            with torch.cuda.stream(copy_in):
+                if self.inputs_read is not None:
+                    copy_in.wait_event(self.inputs_read)
+                for dst, src, n in (
+                    (self.input_ids, self.input_ids_host, padded_tokens),
+                    (self.positions, self.positions_host, padded_tokens),
+                    (self.slot_mapping, self.slot_mapping_host, padded_tokens),
+                    (self.seq_lens, self.seq_lens_host, padded_reqs),
+                    (self.query_start_loc, self.query_start_loc_host, padded_reqs + 1),
+                ):
+                    dst[:n].copy_(src[:n], non_blocking=True)
+                self.block_tables[:num_reqs, :width].copy_(self.block_tables_host[:num_reqs, :width],
+                                                           non_blocking=True)
+                self.staged = torch.cuda.Event()
+                self.staged.record(copy_in)
+            compute.wait_event(self.staged)
         if carried:
             dst, src = zip(*carried)
             self.input_ids[to_device(list(dst), torch.int64, self.device)] = self.prev_tokens[
@@ -298,6 +317,7 @@ class ModelRunner:
             self._stage(rows, starts, counts, carried, pad_to=graph_size)
             graph, graph_logits = self.graphs[graph_size]
             graph.replay()
+            self._inputs_read()
             logits = graph_logits[: len(states)]
         else:
             meta = self._stage(rows, starts, counts, carried)
@@ -307,6 +327,7 @@ class ModelRunner:
                 meta.before_attention = load_step.wait_for_layer
             forward_start = self._mark() if timed else None
             hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
+            self._inputs_read()
             if timed:
                 self.load_steps.append((load_step, forward_start, self._mark()))
             if not samples:
@@ -334,6 +355,12 @@ class ModelRunner:
         handle = self._send_home(out, sampled_ids, sampling_states)
         handle.marks = marks
         return handle
+
+    def _inputs_read(self) -> None:
+        """Mark the forward just launched as the last reader of the device input buffers."""
+        if self.device.type == "cuda":
+            self.inputs_read = torch.cuda.Event()
+            self.inputs_read.record()
 
     def _sampling_metadata(self, req_ids: list[str], states: list[RunnerRequest]) -> SamplingMetadata:
         """The sampling rows' metadata, rebuilt only when the rows change or depend on the step.
@@ -389,12 +416,20 @@ class ModelRunner:
         # Two buffers, so this step's copy never lands on tokens the host has not read yet.
         self.num_launched += 1
         host = self.tokens_home[self.num_launched % 2][: len(req_ids)]
-        host.copy_(out.sampled_token_ids, non_blocking=True)
-        logprobs = None
+        sampled = torch.cuda.Event()
+        sampled.record()
+        outputs = [out.sampled_token_ids]
         if out.logprobs is not None:
-            logprobs = tuple(t.to("cpu", non_blocking=True) for t in (out.logprob_token_ids, out.logprobs, out.sampled_ranks))
-        event = torch.cuda.Event()
-        event.record()
+            outputs += [out.logprob_token_ids, out.logprobs, out.sampled_ranks]
+        copy_out = self.copy_out or torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(copy_out):
+            copy_out.wait_event(sampled)
+            for t in outputs:
+                t.record_stream(copy_out)  # the compute stream may free them before the copy ran
+            host.copy_(out.sampled_token_ids, non_blocking=True)
+            logprobs = None if out.logprobs is None else tuple(t.to("cpu", non_blocking=True) for t in outputs[1:])
+            event = torch.cuda.Event()
+            event.record(copy_out)
         return StepHandle(req_ids, states, host, logprobs, event)
 
     def collect(self, handle: StepHandle | None) -> SampledTokens:

@@ -55,6 +55,27 @@ def test_programmatic_dependent_launch_gives_the_same_tokens(tiny_model, dtype, 
     assert runs[0] == runs[1]
 
 
+def test_copy_streams_give_the_same_tokens(tiny_model, monkeypatch):
+    """Inputs and tokens on copy streams of their own only move copies off the compute stream: the
+    tokens of greedy and seeded requests, with logprobs, chunked prompts and graphs, are those of
+    copies on the compute stream."""
+    from albireo.runner import model_runner
+
+    path = tiny_model("llama")
+    prompts = random_prompts(20, seed=13)
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, logprobs=2 if i % 3 == 0 else None,
+                             ignore_eos=True) if i % 2 else GREEDY for i in range(len(prompts))]
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(model_runner, "COPY_STREAMS", on)
+        llm = LLM(path, gpu_memory_utilization=0.3, max_num_batched_tokens=64)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs])
+        del llm
+        gc.collect()
+    assert runs[0] == runs[1]
+
+
 def test_default_model_float32_on_gpu_equals_transformers():
     from transformers import AutoModelForCausalLM
 
