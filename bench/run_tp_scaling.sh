@@ -5,6 +5,7 @@
 #                all-reduce latency: NCCL, PyTorch two-shot, our one-shot alone and with the norm
 #   w3:          W3 at each degree, and at TP=2 with NCCL alone (A/B on one machine)
 #   w2-8b:       W2 on llama-3.1-8b at each degree, async on and off
+#   headline:    W3, then W2 on llama-3.1-8b with async scheduling, at each degree (issue 4's ratios)
 #   w2-32b:      W2 on qwen2.5-32b at each degree, async on and off (TP=1 with 200 prompts: its KV
 #                pool holds few sequences next to 64 GB of weights)
 #   profile:     kernel tables of a W3 decode step at TP=1 and TP=2 (where TP=2's extra time goes)
@@ -33,6 +34,9 @@ case $stage in
   w3)
     for t in $degrees; do w3 "$t"; done
     w3 2 --all-reduce nccl ;;
+  headline)
+    for t in $degrees; do w3 "$t"; done
+    for t in $degrees; do w2 llama-3.1-8b "$t"; done ;;
   w2-8b)
     for t in $degrees; do w2 llama-3.1-8b "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t" --no-async-scheduling; done ;;
