@@ -176,6 +176,7 @@ class Scheduler:
                 break
             num_scheduled[request.request_id] = n
             cached_reqs.append(CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens))
+            self._count_planned(request, n)  # later preemptions in this pass take from the end, never it
             budget -= n
             i += 1
 
@@ -210,19 +211,21 @@ class Scheduler:
                     num_computed_tokens=num_cached,
                 )
             )
+            self._count_planned(request, n)
             budget -= n
 
         output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, self.finished_req_ids,
                                  *self.kv.take_transfers())
         self.finished_req_ids = set()
-        # The plan is final: count its tokens as computed now, so the next plan can be made before
-        # this one has run.
-        for req_id, n in num_scheduled.items():
-            request = self.requests[req_id]
-            request.num_computed_tokens += n
-            if request.num_computed_tokens == request.num_tokens + request.num_pending:
-                request.num_pending += 1  # this step samples its next token
         return output
+
+    @staticmethod
+    def _count_planned(request: Request, n: int) -> None:
+        """Count a planned step's tokens as computed at once, so the next plan can be made before
+        this one has run."""
+        request.num_computed_tokens += n
+        if request.num_computed_tokens == request.num_tokens + request.num_pending:
+            request.num_pending += 1  # this step samples its next token
 
     # ---- results ---------------------------------------------------------------------------------
 

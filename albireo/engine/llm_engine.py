@@ -129,17 +129,20 @@ class LLMEngine:
     def process_outputs(self, core_outputs: list[EngineCoreOutput]) -> list[RequestOutput]:
         """Fold one batch of engine-core outputs into the requests; returns the requests that changed."""
         changed: dict[str, RequestOutput] = {}
+        finishing: list[RequestOutput] = []
         for out in core_outputs:
             sample = self.samples.get(out.req_id)
             if sample is not None:
-                self._apply(sample, out)
+                if self._apply(sample, out):
+                    finishing.append(sample.parent)
                 changed[sample.parent.request_id] = sample.parent
-        for request_id, parent in changed.items():
+        for parent in finishing:  # a parent of n samples finishes with its last one
             if parent.finished:
-                del self.requests[request_id]
+                self.requests.pop(parent.request_id, None)
         return list(changed.values())
 
-    def _apply(self, sample: _Sample, out: EngineCoreOutput) -> None:
+    def _apply(self, sample: _Sample, out: EngineCoreOutput) -> bool:
+        """Fold one output into its sample; returns whether the sample finished."""
         output = sample.output
         output.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:
@@ -158,9 +161,11 @@ class LLMEngine:
                     self.core.abort_requests([sample.core_id])
                 finish_reason, stop_reason = "stop", stop_str
             output.text += detok.take_delta(final=finish_reason is not None)
-        if finish_reason is not None:
-            output.finish_reason, output.stop_reason = finish_reason, stop_reason
-            del self.samples[sample.core_id]
+        if finish_reason is None:
+            return False
+        output.finish_reason, output.stop_reason = finish_reason, stop_reason
+        del self.samples[sample.core_id]
+        return True
 
     def _decode_one(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])

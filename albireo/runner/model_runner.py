@@ -128,14 +128,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
-        """Peak bytes a largest prefill step and a largest sampling step need, on a throwaway cache."""
+        """Peak bytes a largest prefill step and a largest sampling step need, on a throwaway cache.
+
+        The prefill step is a full token budget of prompts of at most max_model_len tokens each, as
+        the scheduler may plan it; running it also has cuBLAS prepare those GEMM shapes now rather
+        than in the first busy step.
+        """
         cfg = self.config
-        n = min(cfg.scheduler.max_num_batched_tokens, cfg.max_model_len)
-        num_blocks = -(-n // self.block_size)
-        self.init_kv_cache(num_blocks)
+        per_seq = min(cfg.scheduler.max_num_batched_tokens, cfg.max_model_len)
+        n = min(cfg.scheduler.max_num_batched_tokens, per_seq * self.max_num_reqs)
+        counts = np.full(-(-n // per_seq), per_seq, dtype=np.int64)
+        counts[-1] = n - per_seq * (len(counts) - 1)
+        blocks_per_seq = -(-per_seq // self.block_size)
+        self.init_kv_cache(blocks_per_seq * len(counts))
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.batch.block_table[0, :num_blocks] = np.arange(num_blocks)
-        meta = self._stage(np.array([0]), np.array([0]), np.array([n]), [])
+        rows = np.arange(len(counts))
+        self.batch.block_table[rows, :blocks_per_seq] = np.arange(rows.size * blocks_per_seq).reshape(rows.size, -1)
+        meta = self._stage(rows, np.zeros_like(counts), counts, [])
         hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
         logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
         torch.softmax(logits.float(), dim=-1).sort(dim=-1)  # the sampler's filtering path, in float32
@@ -287,17 +296,27 @@ class ModelRunner:
         if plan.is_empty:
             return None
         req_ids = list(plan.num_scheduled_tokens)
-        states = [self.batch.requests[r] for r in req_ids]
-        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
-        starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
+        # One pass over the requests (a thousand per decode step): their rows and starts, the inputs
+        # carried from the step in flight, and which of them sample.
+        states, row_list, start_list = [], [], []
+        carried: list[tuple[int, int]] = []  # (flat token index, row in the previous step's tokens)
+        samples: list[int] = []
+        requests, prev_index, flat = self.batch.requests, self.prev_index, 0
+        for i, (req_id, n) in enumerate(plan.num_scheduled_tokens.items()):
+            state = requests[req_id]
+            start = state.num_computed_tokens
+            states.append(state)
+            row_list.append(state.row)
+            start_list.append(start)
+            if start == state.num_tokens:
+                carried.append((flat, prev_index[req_id]))
+            state.num_computed_tokens = start + n
+            # A request samples when this step reaches the end of its tokens, the pending ones included.
+            if start + n == state.num_tokens + state.num_pending:
+                samples.append(i)
+            flat += n
+        rows, starts = np.array(row_list, dtype=np.int64), np.array(start_list, dtype=np.int64)
         counts = np.fromiter(plan.num_scheduled_tokens.values(), dtype=np.int64, count=len(states))
-        first_token = np.cumsum(counts) - counts
-        carried = [(first_token[i], self.prev_index[r]) for i, (r, s) in enumerate(zip(req_ids, states))
-                   if starts[i] == s.num_tokens]
-        for state, n in zip(states, counts.tolist()):
-            state.num_computed_tokens += n
-        # A request samples when this step reaches the end of its tokens, the pending ones included.
-        samples = [i for i, s in enumerate(states) if s.num_computed_tokens == s.num_tokens + s.num_pending]
         sampling_states = [states[i] for i in samples]
         sampled_ids = [req_ids[i] for i in samples]
         sampling_rows = metadata = None
