@@ -30,7 +30,7 @@ class RequestStatus(enum.Enum):
         }.get(self)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: `in` and list.remove compare identities
 class Request:
     request_id: str
     prompt_token_ids: list[int]

@@ -271,9 +271,14 @@ class ModelRunner:
             compute.wait_event(self.staged)
         if carried:
             dst, src = zip(*carried)
-            self.input_ids[to_device(list(dst), torch.int64, self.device)] = self.prev_tokens[
-                to_device(list(src), torch.int64, self.device)
-            ]
+            if dst == src == tuple(range(len(carried))):
+                # A decode step that keeps the last step's order (the common one) copies a prefix and
+                # needs no index tensors built, pinned and copied on the host.
+                self.input_ids[: len(carried)].copy_(self.prev_tokens[: len(carried)])
+            else:
+                self.input_ids[to_device(list(dst), torch.int64, self.device)] = self.prev_tokens[
+                    to_device(list(src), torch.int64, self.device)
+                ]
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:padded_tokens],
             query_start_loc=self.query_start_loc[: padded_reqs + 1],
