@@ -51,6 +51,16 @@ def graph_batch_sizes(max_size: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_size} | {max_size})
 
 
+def largest_prefill(token_budget: int, max_model_len: int, max_seqs: int) -> np.ndarray:
+    """Prompt lengths of the largest prefill step the scheduler can plan: the token budget in prompts
+    of at most max_model_len tokens, at most max_seqs of them."""
+    per_seq = min(token_budget, max_model_len)
+    total = min(token_budget, per_seq * max_seqs)
+    counts = np.full(-(-total // per_seq), per_seq, dtype=np.int64)
+    counts[-1] = total - per_seq * (len(counts) - 1)
+    return counts
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
         self.config = config
@@ -135,11 +145,9 @@ class ModelRunner:
         than in the first busy step.
         """
         cfg = self.config
-        per_seq = min(cfg.scheduler.max_num_batched_tokens, cfg.max_model_len)
-        n = min(cfg.scheduler.max_num_batched_tokens, per_seq * self.max_num_reqs)
-        counts = np.full(-(-n // per_seq), per_seq, dtype=np.int64)
-        counts[-1] = n - per_seq * (len(counts) - 1)
-        blocks_per_seq = -(-per_seq // self.block_size)
+        counts = largest_prefill(cfg.scheduler.max_num_batched_tokens, cfg.max_model_len, self.max_num_reqs)
+        n = int(counts.sum())
+        blocks_per_seq = -(-int(counts[0]) // self.block_size)
         self.init_kv_cache(blocks_per_seq * len(counts))
         torch.cuda.reset_peak_memory_stats(self.device)
         rows = np.arange(len(counts))
