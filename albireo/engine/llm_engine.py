@@ -86,14 +86,26 @@ class LLMEngine:
             )
         return params.max_tokens
 
+    def check(
+        self, prompt: PromptType, params: SamplingParams, add_special_tokens: bool = True
+    ) -> tuple[list[int], int]:
+        """The prompt's token ids and its resolved max_tokens; raises ValueError naming the field and limit."""
+        prompt_ids = self.tokenize(prompt, add_special_tokens)
+        return prompt_ids, self.validate(prompt_ids, params)
+
     def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams, add_special_tokens: bool = True
     ) -> None:
         """Validate and enqueue; raises ValueError naming the field and limit, changing nothing."""
+        self.enqueue(request_id, prompt, *self.check(prompt, params, add_special_tokens), params)
+
+    def enqueue(
+        self, request_id: str, prompt: PromptType, prompt_ids: list[int], max_tokens: int, params: SamplingParams
+    ) -> None:
+        """Enqueue a prompt that `check` accepted, with what it returned (a caller checking a batch of
+        prompts before adding any so tokenizes and checks each once)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prompt_ids = self.tokenize(prompt, add_special_tokens)
-        max_tokens = self.validate(prompt_ids, params)
         parent = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, prompt_ids)
         self.requests[request_id] = parent
         for index in range(params.n):

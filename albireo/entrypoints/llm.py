@@ -45,15 +45,16 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling_params")
         engine = self.engine
+        checked = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                engine.validate(engine.tokenize(prompt, add_special_tokens), p)
+                checked.append(engine.check(prompt, p, add_special_tokens))
             except ValueError as e:
                 raise ValueError(f"prompts[{i}]: {e}") from None
         ids = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p, (prompt_ids, max_tokens) in zip(prompts, params, checked):
             ids.append(engine.new_request_id())
-            engine.add_request(ids[-1], prompt, p, add_special_tokens)
+            engine.enqueue(ids[-1], prompt, prompt_ids, max_tokens, p)
         return self._run(ids, use_tqdm)
 
     def chat(
