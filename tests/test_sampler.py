@@ -390,3 +390,12 @@ def test_reused_metadata_samples_like_a_fresh_one():
     fresh = Sampler()(logits, SamplingMetadata.build(rows, 4, CPU)).sampled_token_ids
     reused = Sampler()(logits, SamplingMetadata.build(rows, 4, CPU).for_next_step()).sampled_token_ids
     assert reused.tolist() == fresh.tolist() == [1, 0]
+
+
+def test_logits_in_the_model_dtype_sample_as_their_float32_widening():
+    """The model hands over bf16 logits; the sampler widens them itself, exactly."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    rows = [row(temperature=0, logprobs=3), row(temperature=0), row(temperature=0, logprobs=1), row(temperature=0)]
+    narrow, wide = sample(logits, rows), sample(logits.float(), rows)
+    assert narrow.sampled_token_ids.tolist() == wide.sampled_token_ids.tolist()
+    assert torch.equal(narrow.logprobs, wide.logprobs) and narrow.logprobs.dtype == torch.float32
