@@ -73,7 +73,8 @@ class ModelRunner:
         # all-to-all, instead of every rank gathering all logits and sampling every row.
         self.seq_parallel = tp_size() > 1 and config.parallel.sampling == "seq_parallel"
         self.max_num_reqs = config.scheduler.max_num_seqs
-        self.logits_buckets = graph_batch_sizes(self.max_num_reqs)
+        # Batch sizes the decode graphs are captured at; the LM head of other steps pads to them too.
+        self.batch_buckets = graph_batch_sizes(self.max_num_reqs)
         self.batch = InputBatch(self.max_num_reqs, config.max_model_len, self.block_size)
         self.kv_cache: torch.Tensor | None = None
         self.offload: HostKVTier | None = None
@@ -169,7 +170,7 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
         """Capture the decode forward (through the LM head) for each batch-size bucket."""
-        sizes = graph_batch_sizes(self.max_num_reqs)
+        sizes = self.batch_buckets
         self.seq_lens.zero_()
         self.query_start_loc.zero_()
         self.slot_mapping.fill_(-1)
@@ -370,8 +371,7 @@ class ModelRunner:
             # The LM head runs on a decode-graph bucket of rows (the last row repeated): cuBLAS
             # prepares a kernel for each new GEMM shape on the host, tens of milliseconds that stall
             # the launch, and the graphs' capture already prepared these shapes.
-            rows = bisect.bisect_left(self.logits_buckets, len(last))
-            padded = self.logits_buckets[rows] if rows < len(self.logits_buckets) else len(last)
+            padded = self._bucket(len(last)) or len(last)
             last = to_device(np.pad(last, (0, padded - len(last)), mode="edge"), torch.int64, self.device)
             logits = self.model.compute_logits(hidden[last], gather=not self.seq_parallel)[: len(samples)]
         if marks is not None:
@@ -487,8 +487,13 @@ class ModelRunner:
         times = None if handle.marks is None else self._device_times(handle.marks)
         return SampledTokens(handle.req_ids, token_ids, logprobs, times)
 
+    def _bucket(self, num_reqs: int) -> int | None:
+        """The smallest decode-graph batch size that holds num_reqs rows; None past the largest."""
+        i = bisect.bisect_left(self.batch_buckets, num_reqs)
+        return self.batch_buckets[i] if i < len(self.batch_buckets) else None
+
     def _graph_size(self, num_reqs: int) -> int | None:
-        return next((size for size in sorted(self.graphs) if size >= num_reqs), None)
+        return self._bucket(num_reqs) if self.graphs else None
 
 
 def sampling_rows_of(states: list[RunnerRequest]) -> list[SamplingRow]:
