@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # The measurements that decide the next changes, in one device call (two GPUs; the TP=2 parts are
 # skipped on one):
-#   source tests/device/setup.sh; bash bench/run_diagnostics.sh OUT_DIR [w1] [w3] [w2]
+#   source tests/device/setup.sh; bash bench/run_diagnostics.sh OUT_DIR [w1] [w2]
+# (W3's decode kernel tables at TP=1 and TP=2: bench/run_tp_scaling.sh OUT profile)
 #   w1: W1's and W5's first three steps, kernel tables and Chrome traces: why steps 0 and 1 take
 #       ~60 ms to launch where later prefill steps take ~10 ms (first_steps_w1/w5.txt, .json.gz).
-#   w3: W3's decode steps at TP=1 and TP=2, rank 0's kernel table: which kernels keep TP=2's step
-#       from halving (decode_w3_tp1.txt, decode_w3_tp2.txt).
 #   w2: W2 at TP=1 and TP=2, kernel tables over decode steps of 512 sequences and (TP=2) over
 #       16k-token prefill steps: the all-reduces' share of each (decode_w2_tp*.txt, prefill_w2_tp2.txt).
 set -uo pipefail
 out=$1; shift
-parts=${*:-w1 w3 w2}
+parts=${*:-w1 w2}
 mkdir -p "$out"
 run() { timeout "$1" "${@:2}" 2>&1 | grep -v "it/s\]\|req/s\]\|graph/s\]\|s/it\]" | tail -n 3; }
 gpus=$(nvidia-smi -L | wc -l)
@@ -24,12 +23,6 @@ for part in $parts; do
       profile llama-3.2-1b --num-prompts 1000 --input-len 128 --output-len 512 --max-num-seqs 1024 --skip-steps 0 \
         --steps 3 --out "$out/first_steps_w5.txt" --trace "$out/first_steps_w5.json"
       gzip -f "$out"/first_steps_w*.json ;;
-    w3)
-      for tp in 1 2; do
-        [ "$tp" -le "$gpus" ] || continue
-        profile llama-3.1-8b --num-prompts 1 --input-len 128 --output-len 64 --max-num-seqs 8 --skip-steps 12 \
-          --steps 30 --tensor-parallel-size $tp --out "$out/decode_w3_tp$tp.txt"
-      done ;;
     w2)
       for tp in 1 2; do
         [ "$tp" -le "$gpus" ] || continue

@@ -8,6 +8,8 @@
 #   headline:    W3, then W2 on llama-3.1-8b with async scheduling, at each degree (issue 4's ratios)
 #   w2-32b:      W2 on qwen2.5-32b at each degree, async on and off (TP=1 with 200 prompts: its KV
 #                pool holds few sequences next to 64 GB of weights)
+#   overlap:     W2 on llama-3.1-8b at TP=2 with the prefill all-reduces overlapped in chunks and
+#                whole (--all-reduce-overlap 1), alternating, then TP=1 (the ratio's base)
 #   profile:     kernel tables of a W3 decode step at TP=1 and TP=2 (where TP=2's extra time goes)
 #   extra:       the W5 amdahl breakdown, sequence-parallel sampling on GPUs
 # Each W2/W3 run writes a record with its per-step breakdown (--profile-steps) and energy.
@@ -46,6 +48,9 @@ case $stage in
       NUM_PROMPTS=$prompts w2 qwen2.5-32b "$t"
       NUM_PROMPTS=$prompts w2 qwen2.5-32b "$t" --no-async-scheduling
     done ;;
+  overlap)
+    for chunks in ${OVERLAP_CHUNKS:-4 1 4 1}; do w2 llama-3.1-8b 2 --all-reduce-overlap "$chunks"; done
+    w2 llama-3.1-8b 1 ;;
   profile)
     for t in 1 2; do
       run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts 1 --input-len 128 \

@@ -6,7 +6,7 @@ import interpreter
 
 IN_PROCESS, interpreted, test_in_interpreter_subprocess = interpreter.kernel_test_module(__file__)
 if IN_PROCESS:
-    from albireo.kernels.triton_sampling import gumbel_sample
+    from albireo.kernels.triton_sampling import gumbel_candidates, gumbel_sample, pick_candidates
 
 
 def seeds(n: int, start: int = 0) -> torch.Tensor:
@@ -43,6 +43,22 @@ def test_splitting_a_small_batch_over_the_vocabulary_draws_the_same_tokens():
         alone = gumbel_sample(logits[row : row + 1].clone(), temperature[row : row + 1], s[row : row + 1])
         assert alone.item() == batched[row].item()
     assert batched[0].item() == 10
+
+
+@interpreted
+def test_vocabulary_shards_pick_the_token_the_whole_row_draws():
+    """Under TP each rank holds a shard of the columns (the last one padded past the vocabulary);
+    their candidates, stacked in rank order, pick what one call over all the logits draws."""
+    vocab, shard = 5000, 2600  # shard boundaries off the kernel's 1024-column blocks
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(4))
+    logits[0, 2599] = logits[0, 2600] = 40.0  # a tie across the shards: the first column wins
+    temperature, s = torch.tensor([0.0, 1.0, 0.8]), seeds(3)
+    padded = torch.cat([logits, torch.full((3, 2 * shard - vocab), 1e4)], dim=1)  # padding must never win
+    parts = [gumbel_candidates(padded[:, lo : lo + shard].contiguous(), temperature, s, lo, min(lo + shard, vocab),
+                               num_chunks=2) for lo in (0, shard)]
+    picked = pick_candidates(torch.cat(parts, dim=2))
+    assert picked.tolist() == gumbel_sample(logits, temperature, s).tolist()
+    assert picked[0].item() == 2599
 
 
 @interpreted

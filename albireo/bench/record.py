@@ -41,6 +41,7 @@ def engine_facts(llm, args) -> dict:
         "tp": config.parallel.tensor_parallel_size,
         "tp_sampling": config.parallel.sampling,
         "all_reduce": config.parallel.all_reduce,
+        "all_reduce_overlap": config.parallel.all_reduce_overlap,
         "async_scheduling": config.scheduler.async_scheduling,
         "cuda_graphs": config.device == "cuda" and not config.enforce_eager,
         "fused_kernels": config.fused_kernels,

@@ -21,6 +21,9 @@ _group: dist.ProcessGroup | None = None
 _rank = 0
 _size = 1
 _symm_all_reduce: SymmMemAllReduce | None = None
+_overlap_chunks = 1
+# A chunk must keep the matmul efficient and the all-reduce large enough to stream at full speed.
+OVERLAP_MIN_CHUNK_ROWS = 1024
 
 
 def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
@@ -48,6 +51,34 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
             return _symm_all_reduce(x)
         dist.all_reduce(x, group=_group)
     return x
+
+
+def set_all_reduce_overlap(chunks: int) -> None:
+    """Up to how many row chunks a row-parallel layer may split into (`overlap_chunks`); 1: none."""
+    global _overlap_chunks
+    _overlap_chunks = chunks
+
+
+def overlap_chunks(x: torch.Tensor, out_features: int) -> int:
+    """How many row chunks a row-parallel layer should compute x [rows, in] in, each chunk's
+    all-reduce overlapping the next chunk's matmul: 1 (no split) unless the all-reduce would go to
+    NCCL (too big for peer memory), the rows give chunks of at least OVERLAP_MIN_CHUNK_ROWS, and no
+    CUDA graph is being captured (a graph's steps are decode steps of few rows anyway)."""
+    if _size == 1 or _overlap_chunks == 1:
+        return 1
+    rows = x.shape[0]
+    chunks = min(_overlap_chunks, rows // OVERLAP_MIN_CHUNK_ROWS)
+    if chunks < 2 or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return 1
+    if _symm_all_reduce is not None and rows * out_features <= _symm_all_reduce.max_numel:
+        return 1
+    return chunks
+
+
+def tp_all_reduce_async(x: torch.Tensor) -> dist.Work:
+    """Start summing x over the ranks (NCCL or gloo), in place; the returned work's wait() makes the
+    current stream (on CPU: this thread) wait for it."""
+    return dist.all_reduce(x, group=_group, async_op=True)
 
 
 def tp_all_reduce_rms_norm(

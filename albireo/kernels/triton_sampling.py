@@ -24,11 +24,14 @@ _BLOCK = 1024
 
 # The chunking follows the batch size: one compiled variant for every batch (see triton_attention).
 # A chunk is a count of blocks, so its start stays a multiple of BLOCK (aligned loads) unspecialized.
-@triton.jit(do_not_specialize=["CHUNK_BLOCKS", "NUM_CHUNKS"])
+@triton.jit(do_not_specialize=["col_lo", "col_hi", "CHUNK_BLOCKS", "NUM_CHUNKS"])
 def _gumbel_argmax_kernel(
-    logits_ptr, stride, temperature_ptr, seed_ptr, best_score_ptr, best_idx_ptr, V, CHUNK_BLOCKS, NUM_CHUNKS,
-    BLOCK: tl.constexpr,
+    logits_ptr, stride, temperature_ptr, seed_ptr, best_score_ptr, best_idx_ptr, col_lo, col_hi, CHUNK_BLOCKS,
+    NUM_CHUNKS, BLOCK: tl.constexpr,
 ):
+    """logits_ptr holds the vocabulary's columns [col_lo, col_hi) (a rank's shard under TP; all of
+    them otherwise). Blocks stay aligned to the whole vocabulary's, so every column draws the noise
+    it draws in an unsharded call."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     t = tl.load(temperature_ptr + row)
@@ -41,16 +44,16 @@ def _gumbel_argmax_kernel(
     lane = tl.arange(0, 4)[:, None]
     quad = tl.arange(0, BLOCK // 4)[None, :]
     best = tl.full([4, BLOCK // 4], float("-inf"), tl.float32)
-    lo = chunk * CHUNK_BLOCKS * BLOCK
+    lo = (col_lo // BLOCK + chunk * CHUNK_BLOCKS) * BLOCK
     # A chunk of -inf logits alone names its first column, so an all -inf row gives 0 as argmax does.
-    best_idx = tl.full([4, BLOCK // 4], 0, tl.int32) + lo
-    for start in range(lo, tl.minimum(lo + CHUNK_BLOCKS * BLOCK, V), BLOCK):
+    best_idx = tl.full([4, BLOCK // 4], 0, tl.int32) + tl.maximum(lo, col_lo)
+    for start in range(lo, tl.minimum(lo + CHUNK_BLOCKS * BLOCK, col_hi), BLOCK):
         cols = start + lane * (BLOCK // 4) + quad
-        mask = cols < V
-        logit = tl.load(logits_ptr + row * stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        mask = (cols >= col_lo) & (cols < col_hi)
+        logit = tl.load(logits_ptr + row * stride + cols - col_lo, mask=mask, other=float("-inf")).to(tl.float32)
         # The noise depends on (seed, column) alone (blocks start at multiples of BLOCK), so how the
-        # vocabulary is split into chunks never changes the draw. u in (0, 1) keeps both logarithms
-        # finite.
+        # vocabulary is split into chunks or shards never changes the draw. u in (0, 1) keeps both
+        # logarithms finite.
         u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + quad)
         u = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
         u = tl.minimum(tl.maximum(u, 1e-10), 0.99999988)
@@ -60,7 +63,7 @@ def _gumbel_argmax_kernel(
         best = tl.where(better, score, best)
         best_idx = tl.where(better, cols, best_idx)
     top = tl.max(tl.max(best, 1), 0)
-    winner = tl.min(tl.min(tl.where(best == top, best_idx, V), 1), 0)
+    winner = tl.min(tl.min(tl.where(best == top, best_idx, 2147483647), 1), 0)
     tl.store(best_score_ptr + row * NUM_CHUNKS + chunk, top)
     tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, winner)
 
@@ -77,24 +80,42 @@ def _chunk_argmax_kernel(best_score_ptr, best_idx_ptr, out_ptr, NUM_CHUNKS, BLOC
     tl.store(out_ptr + row, tl.min(tl.where(score == top, idx, 2147483647), 0).to(tl.int64))
 
 
+def gumbel_candidates(
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, col_lo: int = 0, col_hi: int | None = None,
+    num_chunks: int | None = None,
+) -> torch.Tensor:
+    """Each row's best (score, column) per chunk of the columns [col_lo, col_hi) that logits [B, n]
+    hold: [2, B, num_chunks] float32, the columns' int32 bits in [1]. Ranks holding vocabulary shards
+    pass the same num_chunks, so that their candidates stack (`pick_candidates`)."""
+    assert logits.stride(1) == 1, "the vocabulary dimension must be contiguous"
+    batch = logits.shape[0]
+    col_hi = col_lo + logits.shape[1] if col_hi is None else col_hi
+    blocks = triton.cdiv(col_hi, _BLOCK) - col_lo // _BLOCK
+    if num_chunks is None:
+        num_chunks = max(1, min(blocks, _TARGET_PROGRAMS // max(batch, 1)))
+    chunk_blocks = max(1, triton.cdiv(blocks, num_chunks))
+    candidates = torch.empty(2, batch, num_chunks, dtype=torch.float32, device=logits.device)
+    if batch:
+        _gumbel_argmax_kernel[(batch, num_chunks)](
+            logits, logits.stride(0), temperature, seeds, candidates[0], candidates[1].view(torch.int32),
+            col_lo, col_hi, chunk_blocks, num_chunks, BLOCK=_BLOCK, num_warps=4,
+        )
+    return candidates
+
+
+def pick_candidates(candidates: torch.Tensor) -> torch.Tensor:
+    """The token of each row from candidates [2, B, C] whose chunks are in column order (shards'
+    candidates concatenated along C in rank order): the best score, the first column among ties."""
+    batch, num_chunks = candidates.shape[1:]
+    out = torch.empty(batch, dtype=torch.int64, device=candidates.device)
+    if batch:
+        scores, indices = candidates[0].contiguous(), candidates[1].contiguous().view(torch.int32)
+        _chunk_argmax_kernel[(batch,)](
+            scores, indices, out, num_chunks, BLOCK=triton.next_power_of_2(num_chunks), num_warps=1,
+        )
+    return out
+
+
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """One token per row of logits [B, V]: temperature [B] float32 (0 = greedy), seeds [B] int64."""
-    assert logits.stride(1) == 1, "the vocabulary dimension must be contiguous"
-    batch, vocab = logits.shape
-    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    if not batch:
-        return out
-    blocks = triton.cdiv(vocab, _BLOCK)
-    num_chunks = max(1, min(blocks, _TARGET_PROGRAMS // batch))
-    chunk_blocks = triton.cdiv(blocks, num_chunks)
-    num_chunks = triton.cdiv(blocks, chunk_blocks)
-    scores = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
-    indices = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
-    _gumbel_argmax_kernel[(batch, num_chunks)](
-        logits, logits.stride(0), temperature, seeds, scores, indices, vocab, chunk_blocks, num_chunks,
-        BLOCK=_BLOCK, num_warps=4,
-    )
-    _chunk_argmax_kernel[(batch,)](
-        scores, indices, out, num_chunks, BLOCK=triton.next_power_of_2(num_chunks), num_warps=1,
-    )
-    return out
+    return pick_candidates(gumbel_candidates(logits, temperature, seeds))

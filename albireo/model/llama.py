@@ -30,9 +30,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, bias=arch.qkv_bias
         )
-        # o_proj and down_proj leave their all-reduce to the RMSNorm after them (one kernel with the
-        # residual add and the norm).
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, reduce=False)
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size)
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
@@ -40,59 +38,63 @@ class LlamaAttention(nn.Module):
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, arch.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of the normalized x, added to the residual stream and normalized by `norm`."""
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.local_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(q, k, v, meta, self.rotary, positions))
+        return self.o_proj(self.attn(q, k, v, meta, self.rotary, positions), residual=residual, norm=norm)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size, reduce=False)
+        self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), silu_mul=True)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP of the normalized x, added to the residual stream and normalized by `norm`."""
+        return self.down_proj(self.gate_up_proj(x), silu_mul=True, residual=residual, norm=norm)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, max_positions: int, first: bool) -> None:
+    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(arch, max_positions)
         self.mlp = LlamaMLP(arch)
-        # The first layer's input is the (summed) embedding; every later one's is the down_proj's share.
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, sums_ranks=not first)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, sums_ranks=True)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, meta: AttentionMetadata,
+        next_norm: RMSNorm,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        """x is this layer's input, already normalized by its input_layernorm; returns the next
+        layer's, normalized by `next_norm` (the next layer's input_layernorm, or the final norm), and
+        the residual stream. Each row-parallel projection thus ends in the norm after it, so that the
+        projection's all-reduce, the residual add and the norm can run as one kernel."""
+        x, residual = self.self_attn(positions, x, meta, residual, self.post_attention_layernorm)
+        return self.mlp(x, residual, next_norm)
 
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ArchConfig, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, max_positions, i == 0) for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, sums_ranks=True)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, max_positions) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
-        x, _ = self.norm(x, residual)
+        residual = self.embed_tokens(input_ids)
+        x = self.layers[0].input_layernorm(residual)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            x, residual = layer(positions, x, residual, meta, next_norm)
         return x
 
 

@@ -334,10 +334,10 @@ class ModelRunner:
         sampling_states = [states[i] for i in samples]
         sampled_ids = [req_ids[i] for i in samples]
         sampling_rows = metadata = None
+        if samples:
+            metadata = self._sampling_metadata(sampled_ids, sampling_states)
         if self.seq_parallel:
             sampling_rows = sampling_rows_of(sampling_states)
-        elif samples:
-            metadata = self._sampling_metadata(sampled_ids, sampling_states)
         for state in sampling_states:
             state.num_pending += 1
 
@@ -377,7 +377,7 @@ class ModelRunner:
         if marks is not None:
             marks.append(self._mark())
         if self.seq_parallel:
-            out = seq_parallel_sample(self.sampler, logits, sampling_rows, self.config.arch.vocab_size)
+            out = seq_parallel_sample(self.sampler, logits, sampling_rows, self.config.arch.vocab_size, metadata)
         else:
             out = self.sampler(logits, metadata)
         if marks is not None:

@@ -7,6 +7,12 @@ rank the full-vocabulary logits of its own B/t rows; it samples just those, and 
 B token ids (and logprobs, when asked) gives every rank the whole step's tokens. Sampling work and
 logits traffic both divide by t.
 
+When a batch's sampling is the one-pass Gumbel-max alone (no filter, penalty or logprobs: what
+`SamplingMetadata.fused_alone` says), no logits move at all: each rank draws over its own
+vocabulary shard, with the noise each column draws in an unsharded call, and an all-gather of
+every row's best (score, column) per chunk, a few bytes a row where the all-to-all moves a whole
+shard of it, lets every rank pick the same token (`vocab_parallel_gumbel`).
+
 A row's token depends only on its own logits and parameters (seeded rows draw from a per-row
 stream), so the tokens are those of the all-gather path whichever rank samples the row.
 
@@ -45,10 +51,34 @@ def _gather_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
     return ps.tp_all_gather(x.contiguous(), dim=0)[:batch]
 
 
+def vocab_parallel_gumbel(local_logits: torch.Tensor, metadata: SamplingMetadata, vocab_size: int) -> torch.Tensor:
+    """Every row's token from the vocabulary shards [B, V/t] of its logits, for a batch that samples
+    with the one-pass kernel alone. Seeded rows draw their unsharded draw; the others draw exactly
+    from softmax(logits / T) too, whatever seed each rank gave them, as the noise stays independent
+    across columns."""
+    from albireo.kernels.triton_sampling import gumbel_candidates, pick_candidates
+
+    t, rank = ps.tp_size(), ps.tp_rank()
+    batch, shard = local_logits.shape
+    lo = rank * shard
+    # The same number of chunks on every rank, so that the candidates stack.
+    num_chunks = max(1, min(-(-shard // 1024), 512 // max(batch, 1)))
+    candidates = gumbel_candidates(local_logits, metadata.fused_temperature, metadata.fused_seeds, lo,
+                                   min(lo + shard, vocab_size), num_chunks)
+    gathered = torch.empty((t, *candidates.shape), dtype=candidates.dtype, device=candidates.device)
+    dist.all_gather_into_tensor(gathered, candidates, group=ps.tp_group())
+    return pick_candidates(torch.cat(gathered.unbind(0), dim=2))
+
+
 def seq_parallel_sample(
-    sampler: Sampler, local_logits: torch.Tensor, rows: list[SamplingRow], vocab_size: int
+    sampler: Sampler, local_logits: torch.Tensor, rows: list[SamplingRow], vocab_size: int,
+    metadata: SamplingMetadata | None = None,
 ) -> SamplerOutput:
-    """Sample every row of a TP batch, each rank doing 1/t of them; every rank gets all tokens."""
+    """Sample every row of a TP batch, each rank doing 1/t of them; every rank gets all tokens.
+    `metadata`, of all the rows, lets a batch that samples with the one-pass kernel alone take
+    `vocab_parallel_gumbel`."""
+    if metadata is not None and metadata.fused_seeds is not None and metadata.fused_alone:
+        return SamplerOutput(vocab_parallel_gumbel(local_logits, metadata, vocab_size), None, None, None)
     t, rank = ps.tp_size(), ps.tp_rank()
     batch = len(rows)
     per_rank = -(-batch // t)
