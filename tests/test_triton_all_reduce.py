@@ -30,6 +30,7 @@ GEMV = ("gemv", "gemv_silu")
 # 2048-wide tiles would only cost the interpreter time).
 CONFIG = (8, 64, 4, 1)
 KERNEL_CALLS = sum(2 if kind in GEMV else 1 for kind, _ in CALLS)
+MINUS_ZERO = CALLS.index(("gemv", 1))  # the call whose GEMV gives rank 0 a -0.0 (in bf16)
 EMPTY = {torch.float32: (torch.int32, -(2**31)), torch.bfloat16: (torch.int16, -(2**15))}
 
 
@@ -84,11 +85,11 @@ def run(request):
 
     inputs = [[call_inputs(*c) for c in CALLS] for _ in range(WORLD)]
     inputs[0][0][0, :4] = -0.0  # a value that looks like an empty slot must still count
-    # So must a GEMV output of -0.0: 1e-22 * -1e-22 is a float32 subnormal, which rounds to -0.0 in
-    # bf16 (in float32 it stays itself: there the GEMV gives no -0.0).
-    x, w = inputs[0][CALLS.index(("gemv", 1))]
+    # So must a GEMV output of -0.0: 2^-75 * -2^-74 is float32's least subnormal, -0.0 once rounded
+    # to bf16 (in float32 it stays itself: there the GEMV gives no -0.0).
+    x, w = inputs[0][MINUS_ZERO]
     x[0].zero_()
-    x[0, 0], w[0, 0] = 1e-22, -1e-22
+    x[0, 0], w[0, 0] = 2.0**-75, -(2.0**-74)
     residual = [torch.randn(r, HIDDEN, generator=g).to(dtype) for r in rows]
     residuals = [[r.clone().share_memory_() for r in residual] for _ in range(WORLD)]
     weight = torch.randn(HIDDEN, generator=g).to(dtype)
@@ -173,6 +174,14 @@ def test_gemv_partials_are_each_ranks_products(run):
                 # where torch rounds to nearest: sums of 64 products of about 1 drift by 0.1.
                 torch.testing.assert_close(run["partials"][rank][call].float(), expected.float(), rtol=2**-6,
                                            atol=1e-4 if dtype == torch.float32 else 2**-3)
+
+
+def test_a_gemv_output_of_minus_zero_was_sent(run):
+    """The case the fused kernel must turn into +0.0 before it pushes (else it marks the slot empty
+    and the finisher waits for it forever) did arise, and the sums above counted it."""
+    if run["dtype"] == torch.bfloat16:
+        partial = run["partials"][0][MINUS_ZERO][0, 0]
+        assert partial == 0 and torch.signbit(partial)
 
 
 def test_calls_leave_every_slot_empty_and_the_round_advanced(run):
