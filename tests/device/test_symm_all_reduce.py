@@ -1,5 +1,6 @@
-"""All-reduce over peer memory sums what NCCL sums, eagerly and replayed in CUDA graphs, and the
-one-shot kernel fused with the residual add and RMSNorm equals the all-reduce followed by them."""
+"""All-reduce over peer memory sums what NCCL sums, eagerly and replayed in CUDA graphs, the
+one-shot kernel fused with the residual add and RMSNorm equals the all-reduce followed by them, and
+the batch-1 GEMV fused with all of that equals the GEMV followed by it."""
 
 import socket
 
@@ -146,3 +147,101 @@ def _fused(rank, world, port, queue):
 
 def test_fused_all_reduce_add_norm_equals_all_reduce_then_norm():
     assert _spawn(_fused, 2) == 0
+
+
+# (name, rows, k, n, silu_mul): an 8B model's row-parallel layers at TP=2 in a batch-1 decode step
+# (o_proj; down_proj on the [gate | up] output), and small ones whose 1024-wide rows the norm sums
+# with as many warps as the GEMV runs (norm_num_warps(1024) == 4), where the fused kernel must match
+# the normed output bit for bit too; at 4096 wide the norm's warps differ and so may a rare element.
+GEMV_SHAPES = [("o_proj", 1, 2048, 4096, False), ("down_proj", 1, 7168, 4096, True),
+               ("small", 2, 512, 1024, False), ("small_silu", 3, 384, 1024, True)]
+
+
+def _gemv_fused(rank, world, port, queue):
+    """The GEMV fused with the all-reduce, add and norm against gemv then the push kernel with add and
+    norm, on the same exchange buffers and rounds, eagerly and in a CUDA graph that holds both."""
+    import torch.distributed as dist
+    import triton
+
+    from albireo.distributed.symm_all_reduce import SymmMemAllReduce
+    from albireo.kernels.triton_fused import norm_num_warps
+    from albireo.kernels.triton_gemv import config_for, gemv
+
+    _join(rank, world, port, torch.bfloat16)
+    symm = SymmMemAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1000 + rank)  # each rank its own shard and input
+    same = torch.Generator(device="cuda").manual_seed(0)  # the residual stream is the same on every rank
+    eps = 1e-5
+
+    def inputs(rows, k, n, silu):
+        x = torch.randn(rows, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16, generator=g)
+        return x, torch.randn(rows, n, device="cuda", dtype=torch.bfloat16, generator=same)
+
+    def unfused(x, w, residual, weight, silu):
+        return symm.push(gemv(x, w, silu), residual, weight, eps)[0]
+
+    def fused(x, w, residual, weight, silu):
+        assert symm.fits_gemv(x, w, residual)
+        out, returned = symm.gemv_push(x, w, residual, weight, eps, silu)
+        assert returned is residual
+        return out
+
+    # Per shape: residual elements that differ, normed ones that differ where they must not, and
+    # the most bf16 steps between normed ones where they may (neighbouring bf16 values of one sign
+    # are neighbouring int16 patterns).
+    counts = torch.zeros(len(GEMV_SHAPES), 2, dtype=torch.int64, device="cuda")
+    steps = torch.zeros(len(GEMV_SHAPES), dtype=torch.int64, device="cuda")
+
+    def compare(i, exact_out, out, expected_out, residual, expected_residual):
+        counts[i, 0] += (residual != expected_residual).sum()
+        if exact_out:
+            counts[i, 1] += (out != expected_out).sum()
+        else:
+            apart = (out.view(torch.int16).long() - expected_out.view(torch.int16).long()).abs().max()
+            steps[i] = torch.maximum(steps[i], apart)
+
+    for i, (_, rows, k, n, silu) in enumerate(GEMV_SHAPES):
+        exact_out = norm_num_warps(triton.next_power_of_2(n)) == config_for(k)[2]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k**-0.5
+        weight = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_(1.0, 0.1, generator=same)
+        for _ in range(3):  # eagerly, with fresh inputs, the rounds turning over
+            x, residual = inputs(rows, k, n, silu)
+            expected_residual = residual.clone()
+            expected_out = unfused(x, w, expected_residual, weight, silu)
+            compare(i, exact_out, fused(x, w, residual, weight, silu), expected_out, residual, expected_residual)
+
+        # A graph of fused and unfused calls in turn (five: not a multiple of the rounds), replayed
+        # with fresh inputs, against the same calls made eagerly.
+        fused_at = [True, False, True, True, False]
+        static = [inputs(rows, k, n, silu) for _ in fused_at]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outs = [(fused if f else unfused)(x, w, residual, weight, silu)
+                    for f, (x, residual) in zip(fused_at, static)]
+        for _ in range(3):
+            expected = []
+            for x, residual in static:
+                x.copy_(torch.randn(x.shape, device="cuda", dtype=torch.bfloat16, generator=g))
+                residual.copy_(torch.randn(residual.shape, device="cuda", dtype=torch.bfloat16, generator=same))
+                expected_residual = residual.clone()
+                expected.append((unfused(x, w, expected_residual, weight, silu), expected_residual))
+            graph.replay()
+            for f, out, (_, residual), (expected_out, expected_residual) in zip(fused_at, outs, static, expected):
+                # The graph's unfused calls must match the eager ones whatever the warps.
+                compare(i, exact_out or not f, out, expected_out, residual, expected_residual)
+    dist.all_reduce(counts)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    dist.barrier()
+    if rank == 0:
+        queue.put({name: counts[i].tolist() + [steps[i].item()] for i, (name, *_) in enumerate(GEMV_SHAPES)})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gemv_fused_with_the_all_reduce_equals_gemv_then_the_fused_push_kernel(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    counts = _spawn(_gemv_fused, world)
+    for name, (residuals, outs, steps) in counts.items():
+        assert residuals == 0, f"{name}: {residuals} residual elements differ"
+        assert outs == 0, f"{name}: {outs} normed elements differ"
+        assert steps <= 1, f"{name}: normed elements {steps} bf16 steps apart"
