@@ -259,14 +259,15 @@ def _gemv_push_all_reduce_kernel(
     # The last program to get here sums the round. No other program waits for anything, so every
     # program but this one runs to its end whatever the grid's size and however few fit on the GPU
     # at once, and this one waits only on peers' programs, which wait on nothing either.
-    # What it reads of its own slot other programs of this grid wrote: the atomic (acq_rel, gpu
-    # scope; Triton puts a CTA barrier before it, so it releases the stores of all the program's
-    # threads) orders them before the finisher's reads, but the reads do not rely on that: they
-    # spin per element until it is no longer -0.0, and an element is written once per round, so
-    # whatever is not -0.0 is this round's value, however late it arrives (as the peers' slots,
-    # which nothing orders at all). That spin is also why no program reads `turn` after the round
-    # moves on: every thread that stores any element read `turn` before storing it into the
-    # finisher's own slot, and the finisher advances the round only after it has seen every one.
+    # What it reads of its own slot other programs of this grid wrote. The atomic orders those
+    # stores before its reads (acq_rel at gpu scope, one thread per program, between CTA barriers
+    # that Triton 3.6 emits around it: the release covers the stores of all a program's threads,
+    # the acquire the loads of all the finisher's), but the reads do not rely on that: they spin
+    # per element until it is no longer -0.0, and an element is written once per round, so
+    # whatever is not -0.0 is this round's value, however late it lands (as in the peers' slots,
+    # which nothing else orders). That spin is also why no program reads `turn` after the round
+    # moves on: every thread that stores an element read `turn` before it stored the element into
+    # the finisher's own slot, and the finisher advances the round only once it has seen them all.
     if tl.atomic_add(round_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
         fcols = tl.arange(0, BLOCK)
         fmask = fcols < N
