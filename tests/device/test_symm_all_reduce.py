@@ -244,4 +244,5 @@ def test_gemv_fused_with_the_all_reduce_equals_gemv_then_the_fused_push_kernel(w
     for name, (residuals, outs, steps) in counts.items():
         assert residuals == 0, f"{name}: {residuals} residual elements differ"
         assert outs == 0, f"{name}: {outs} normed elements differ"
-        assert steps <= 1, f"{name}: normed elements {steps} bf16 steps apart"
+        # A normed value one bf16 step off, times a weight under 2, lands under two steps off.
+        assert steps <= 2, f"{name}: normed elements {steps} bf16 steps apart"
