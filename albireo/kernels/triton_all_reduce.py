@@ -213,7 +213,7 @@ def _gemv_push_all_reduce_kernel(
     summed for the variance as rms_norm sums it only where norm_num_warps(BLOCK) is that count too
     (with the 4-warp configs, rows of at most 1024); for the 4096-wide rows of an 8B model it takes
     4 warps where rms_norm takes 8, so the variance may differ in its last bit, and with it, rarely,
-    an element of the normed output (one bf16 step).
+    an element of the normed output (by a bf16 step or two).
     The other way round would be worse: 8 warps would change the GEMV's order and so the sum that
     both outputs and the residual stream carry on. At 4 warps the finisher holds 32 elements of a
     4096-wide row per thread (16 at 8); it waits on a handful of dependent round trips to memory
