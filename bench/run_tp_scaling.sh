@@ -3,7 +3,8 @@
 #   source tests/device/setup.sh; [TP_DEGREES="1 2 4 8"] bash bench/run_tp_scaling.sh OUT_DIR STAGE
 #   correctness: TP=t equals TP=1 on GPUs, the peer-memory all-reduce against NCCL (tests), and
 #                all-reduce latency: NCCL, PyTorch two-shot, our one-shot alone and with the norm
-#   w3:          W3 at each degree, and at TP=2 with NCCL alone (A/B on one machine)
+#   w3:          W3 at each degree, and at TP=2 without the batch-1 GEMV fused with its all-reduce
+#                (ALBIREO_GEMV_ALL_REDUCE=0: A/B on one machine)
 #   w2-8b:       W2 on llama-3.1-8b at each degree, async on and off
 #   headline:    W3, then W2 on llama-3.1-8b with async scheduling, at each degree (issue 4's ratios)
 #   w2-32b:      W2 on qwen2.5-32b at each degree, async on and off (TP=1 with 200 prompts: its KV
@@ -35,7 +36,7 @@ case $stage in
     run 150 python3 bench/allreduce.py --tp 2 4 8 --out "$out" ;;
   w3)
     for t in $degrees; do w3 "$t"; done
-    w3 2 --all-reduce nccl ;;
+    ALBIREO_GEMV_ALL_REDUCE=0 w3 2 ;;
   headline)
     for t in $degrees; do w3 "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t"; done ;;

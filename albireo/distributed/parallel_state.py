@@ -22,6 +22,8 @@ _rank = 0
 _size = 1
 _symm_all_reduce: SymmMemAllReduce | None = None
 _overlap_chunks = 1
+# A batch-1 row-parallel layer in one kernel with its all-reduce; ALBIREO_GEMV_ALL_REDUCE=0 for A/B runs.
+FUSE_GEMV_ALL_REDUCE = os.environ.get("ALBIREO_GEMV_ALL_REDUCE", "1") != "0"
 # A chunk must keep the matmul efficient and the all-reduce large enough to stream at full speed.
 OVERLAP_MIN_CHUNK_ROWS = 1024
 
@@ -89,6 +91,19 @@ def tp_all_reduce_rms_norm(
     if (_size > 1 and _symm_all_reduce is not None and kernels.fused_on(x) and residual.dtype == x.dtype
             and residual.shape == x.shape and residual.is_contiguous() and _symm_all_reduce.fits_one_shot(x)):
         return _symm_all_reduce.push(x, residual, weight, eps)
+    return None
+
+
+def tp_gemv_all_reduce_rms_norm(
+    x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, silu_mul: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A batch-1 row-parallel layer whole: (rms_norm(sum + residual), sum + residual) of sum = the
+    all-reduce of x W^T (silu(gate) * up W^T with silu_mul), in one kernel that pushes each output
+    to the peers as soon as it is computed; None where that kernel does not take the operands (it
+    serves the single-row GEMV path, over peer memory, fused kernels on)."""
+    if (_size > 1 and FUSE_GEMV_ALL_REDUCE and _symm_all_reduce is not None and kernels.fused_on(x) and x.dim() == 2
+            and x.shape[0] == 1 and _symm_all_reduce.fits_gemv(x, w, residual)):
+        return _symm_all_reduce.gemv_push(x, w, residual, weight, eps, silu_mul)
     return None
 
 

@@ -18,6 +18,7 @@ from albireo.distributed.parallel_state import (
     tp_all_reduce,
     tp_all_reduce_async,
     tp_all_reduce_rms_norm,
+    tp_gemv_all_reduce_rms_norm,
     tp_rank,
     tp_size,
 )
@@ -146,14 +147,19 @@ class RowParallelLinear(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The sum over ranks, + b. With silu_mul, x is a fused [gate | up] whose silu(gate) * up is
         the input. With `norm` (the RMSNorm after this layer) and the residual stream, returns
-        instead (norm(sum + residual), sum + residual), the all-reduce fused with the add and the
-        norm into one kernel where peer memory takes it."""
+        instead (norm(sum + residual), sum + residual), in one kernel where peer memory takes the
+        all-reduce: with the matmul too at batch 1, else with the add and the norm."""
+        fuse = norm is not None and self.bias is None
+        if fuse:
+            fused = tp_gemv_all_reduce_rms_norm(x, self.weight, residual, norm.weight, norm.eps, silu_mul)
+            if fused is not None:
+                return fused
         chunks = overlap_chunks(x, self.weight.shape[0])
         if chunks > 1:
             y = self._sum_in_chunks(x, silu_mul, chunks)
         else:
             y = linear(x, self.weight, silu_mul=silu_mul)
-            if norm is not None and self.bias is None:
+            if fuse:
                 fused = tp_all_reduce_rms_norm(y, residual, norm.weight, norm.eps)
                 if fused is not None:
                     return fused
