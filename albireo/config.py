@@ -296,9 +296,6 @@ class ParallelConfig:
     node_rank: int | None = None
     master_addr: str | None = None
     master_port: int | None = None
-    # Row-parallel layers of a step with many tokens (prefill) compute in up to this many row
-    # chunks, each chunk's NCCL all-reduce running while the next chunk's matmul does; 1: off.
-    all_reduce_overlap: int = 4
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -307,8 +304,6 @@ class ParallelConfig:
             raise ValueError(f"sampling must be seq_parallel or all_gather, got {self.sampling!r}")
         if self.all_reduce not in ("symm_mem", "nccl"):
             raise ValueError(f"all_reduce must be symm_mem or nccl, got {self.all_reduce!r}")
-        if self.all_reduce_overlap < 1:
-            raise ValueError(f"all_reduce_overlap must be >= 1 (1 turns it off), got {self.all_reduce_overlap}")
         label = {}  # how errors name each setting: the user may never have typed it
         for name in MULTINODE_ENV:
             value, label[name] = _multinode_setting(name, getattr(self, name))
@@ -411,7 +406,6 @@ def engine_config(
     node_rank: int | None = None,
     master_addr: str | None = None,
     master_port: int | None = None,
-    all_reduce_overlap: int = 4,
     skip_tokenizer_init: bool = False,
     enforce_eager: bool = False,
     fused_kernels: bool = True,
@@ -425,8 +419,7 @@ def engine_config(
         ),
         scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, async_scheduling),
         parallel=ParallelConfig(
-            tensor_parallel_size, tp_sampling, all_reduce, nnodes, node_rank, master_addr, master_port,
-            all_reduce_overlap,
+            tensor_parallel_size, tp_sampling, all_reduce, nnodes, node_rank, master_addr, master_port
         ),
         device=device,
         enforce_eager=enforce_eager,

@@ -5,11 +5,6 @@ A TP decode step of a Llama model makes two all-reduces per layer (after o_proj 
 each of batch x hidden bf16 values. This times them the way the engine runs them: 64 back to back
 in one captured CUDA graph (an 8B model's step), replayed; checks that each path sums exactly as
 NCCL does; prints a table and writes a record.
-
-At batch 1 it also times each row-parallel layer whole, as a decode step runs it: the GEMV then
-the push kernel with add + norm, against the GEMV fused with all of that (gemv_push_all_reduce),
-over 32 layers' own weight shards (so that the weights stream from memory, not L2), and counts
-where the two differ.
     python bench/allreduce.py --tp 2 4 --out OUT_DIR
 """
 
@@ -31,58 +26,9 @@ from albireo.layers.norm import RMSNorm  # noqa: E402
 
 CALLS_PER_STEP = 64
 BATCHES = (1, 8, 32, 64, 128, 256, 512, 1024)
-LAYERS = 32
 
 
-def _row_parallel(rank: int, world: int, symm: SymmMemAllReduce, norm: RMSNorm, intermediate: int) -> dict:
-    """Microseconds per batch-1 row-parallel layer (o_proj, down_proj with silu_mul) in a graph of
-    LAYERS of them: the GEMV alone, it then the push kernel with add + norm, and both in one."""
-    hidden = norm.weight.shape[0]
-    results = {}
-    for name, in_features, silu in (("o_proj", hidden, False), ("down_proj", intermediate, True)):
-        row = _row_parallel_layer(rank, in_features // world, silu, symm, norm)
-        results[name] = row
-        if rank == 0:
-            print(f"tp={world} {name} (k={row['k']}, n={hidden}) us per layer in a graph: "
-                  + ", ".join(f"{p} {row[p + '_us']:6.2f}" for p in ("gemv", "gemv_then_push_norm", "gemv_push_norm"))
-                  + f"; elements differing: residual {row['residual_elements_differing']}, "
-                  f"out {row['out_elements_differing']} of {LAYERS * hidden}", flush=True)
-    return results
-
-
-def _row_parallel_layer(rank: int, k: int, silu: bool, symm: SymmMemAllReduce, norm: RMSNorm) -> dict:
-    from albireo.kernels.triton_gemv import gemv
-
-    hidden = norm.weight.shape[0]
-    torch.manual_seed(rank)
-    weights = [torch.randn(hidden, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(LAYERS)]
-    x = torch.randn(1, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
-    torch.manual_seed(0)  # the residual stream is the same on every rank
-    residual = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
-
-    def gemv_only():
-        for w in weights:
-            gemv(x, w, silu)
-
-    def gemv_then_push(res=residual):
-        return [symm.push(gemv(x, w, silu), res, norm.weight, norm.eps)[0] for w in weights]
-
-    def gemv_push(res=residual):
-        return [symm.gemv_push(x, w, res, norm.weight, norm.eps, silu)[0] for w in weights]
-
-    row = {"k": k, "n": hidden}
-    for path, fn in (("gemv", gemv_only), ("gemv_then_push_norm", gemv_then_push), ("gemv_push_norm", gemv_push)):
-        row[f"{path}_us"] = graph_us(fn, LAYERS)
-    # The same inputs both ways, eagerly: where the residual (carried on through the layers) and the
-    # normed outputs differ.
-    unfused_res, fused_res = residual.clone(), residual.clone()
-    unfused, fused = gemv_then_push(unfused_res), gemv_push(fused_res)
-    row["residual_elements_differing"] = int((unfused_res != fused_res).sum())
-    row["out_elements_differing"] = sum(int((a != b).sum()) for a, b in zip(unfused, fused))
-    return row
-
-
-def _rank(rank: int, world: int, port: int, hidden: int, intermediate: int, queue) -> None:
+def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     device = torch.device("cuda", rank)
@@ -121,22 +67,20 @@ def _rank(rank: int, world: int, port: int, hidden: int, intermediate: int, queu
                   + "; max diff to nccl: "
                   + ", ".join(f"{n} {row[n + '_max_abs_diff']:.3g}" for n in paths if n + "_max_abs_diff" in row),
                   flush=True)
-    row_parallel = _row_parallel(rank, world, symm, norm, intermediate)
     dist.barrier()
     if rank == 0:
-        queue.put((results, row_parallel))
+        queue.put(results)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, nargs="+", default=[2])
     parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336, help="the MLP's width (down_proj's input)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     record = {"workload": "allreduce", "model": f"hidden{args.hidden}-bf16", "calls_per_step": CALLS_PER_STEP,
-              "layers": LAYERS, "by_tp": {}, "row_parallel_by_tp": {}}
+              "by_tp": {}}
     for world in args.tp:
         if world > torch.cuda.device_count():
             print(f"tp={world}: only {torch.cuda.device_count()} GPUs, skipped")
@@ -145,11 +89,11 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, args.hidden, args.intermediate, queue), daemon=True)
+        procs = [ctx.Process(target=_rank, args=(r, world, port, args.hidden, queue), daemon=True)
                  for r in range(world)]
         for p in procs:
             p.start()
-        record["by_tp"][world], record["row_parallel_by_tp"][world] = queue.get(timeout=300)
+        record["by_tp"][world] = queue.get(timeout=240)
         for p in procs:  # the ranks are done; tearing NCCL down can take longer than the benchmark
             p.join(timeout=10)
             if p.is_alive():

@@ -3,14 +3,11 @@
 #   source tests/device/setup.sh; [TP_DEGREES="1 2 4 8"] bash bench/run_tp_scaling.sh OUT_DIR STAGE
 #   correctness: TP=t equals TP=1 on GPUs, the peer-memory all-reduce against NCCL (tests), and
 #                all-reduce latency: NCCL, PyTorch two-shot, our one-shot alone and with the norm
-#   w3:          W3 at each degree, and at TP=2 without the batch-1 GEMV fused with its all-reduce
-#                (ALBIREO_GEMV_ALL_REDUCE=0: A/B on one machine)
+#   w3:          W3 at each degree, and at TP=2 with NCCL alone (A/B on one machine)
 #   w2-8b:       W2 on llama-3.1-8b at each degree, async on and off
 #   headline:    W3, then W2 on llama-3.1-8b with async scheduling, at each degree (issue 4's ratios)
 #   w2-32b:      W2 on qwen2.5-32b at each degree, async on and off (TP=1 with 200 prompts: its KV
 #                pool holds few sequences next to 64 GB of weights)
-#   overlap:     W2 on llama-3.1-8b at TP=2 with the prefill all-reduces overlapped in chunks and
-#                whole (--all-reduce-overlap 1), alternating, then TP=1 (the ratio's base)
 #   profile:     kernel tables of a W3 decode step at TP=1 and TP=2 (where TP=2's extra time goes)
 #   extra:       the W5 amdahl breakdown, sequence-parallel sampling on GPUs
 # Each W2/W3 run writes a record with its per-step breakdown (--profile-steps) and energy.
@@ -36,7 +33,7 @@ case $stage in
     run 150 python3 bench/allreduce.py --tp 2 4 8 --out "$out" ;;
   w3)
     for t in $degrees; do w3 "$t"; done
-    ALBIREO_GEMV_ALL_REDUCE=0 w3 2 ;;
+    w3 2 --all-reduce nccl ;;
   headline)
     for t in $degrees; do w3 "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t"; done ;;
@@ -49,9 +46,6 @@ case $stage in
       NUM_PROMPTS=$prompts w2 qwen2.5-32b "$t"
       NUM_PROMPTS=$prompts w2 qwen2.5-32b "$t" --no-async-scheduling
     done ;;
-  overlap)
-    for chunks in ${OVERLAP_CHUNKS:-4 1 4 1}; do w2 llama-3.1-8b 2 --all-reduce-overlap "$chunks"; done
-    w2 llama-3.1-8b 1 ;;
   profile)
     for t in 1 2; do
       run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts 1 --input-len 128 \

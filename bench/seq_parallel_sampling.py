@@ -2,7 +2,10 @@
 
 Spawns t ranks (gloo on CPU, nccl on GPUs); each holds a [B, V/t] logits shard as the LM head
 leaves it, then (a) all-gathers [B, V] and samples all B rows, or (b) all-to-alls to [B/t, V] and
-samples its rows, then all-gathers the B token ids. Prints a table and writes JSON.
+samples its rows, then all-gathers the B token ids. With --plain the rows sample with temperature
+alone (no top-p), which on GPUs also times (c) vocab-parallel Gumbel sampling: each rank draws over
+its shard and only every row's best (score, column) per chunk is all-gathered. Prints a table and
+writes JSON.
 """
 
 import argparse
@@ -23,7 +26,7 @@ from albireo.sampling.seq_parallel import seq_parallel_sample
 from albireo.sampling_params import SamplingParams
 
 
-def _bench(rank, world, port, device_type, batch, vocabs, iters, queue):
+def _bench(rank, world, port, device_type, batch, vocabs, iters, plain, queue):
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     ps.set_tensor_parallel_group(dist.group.WORLD)
@@ -31,7 +34,8 @@ def _bench(rank, world, port, device_type, batch, vocabs, iters, queue):
     if device_type == "cuda":
         torch.cuda.set_device(device)
     sampler = Sampler()
-    rows = [SamplingRow(SamplingParams(temperature=1.0, top_p=0.95, seed=i), [], [], []) for i in range(batch)]
+    top_p = 1.0 if plain else 0.95
+    rows = [SamplingRow(SamplingParams(temperature=1.0, top_p=top_p, seed=i), [], [], []) for i in range(batch)]
     results = []
     for vocab in vocabs:
         shard = -(-vocab // world)
@@ -44,7 +48,15 @@ def _bench(rank, world, port, device_type, batch, vocabs, iters, queue):
         def seq_parallel_path():
             return seq_parallel_sample(sampler, local, rows, vocab).sampled_token_ids
 
-        for name, fn in (("all_gather", all_gather_path), ("seq_parallel", seq_parallel_path)):
+        metadata = SamplingMetadata.build(rows, vocab, device)
+
+        def vocab_parallel_path():
+            return seq_parallel_sample(sampler, local, rows, vocab, metadata).sampled_token_ids
+
+        paths = [("all_gather", all_gather_path), ("seq_parallel", seq_parallel_path)]
+        if metadata.fused_seeds is not None and metadata.fused_alone:
+            paths.append(("vocab_parallel", vocab_parallel_path))
+        for name, fn in paths:
             times = []
             for i in range(iters + 2):
                 dist.barrier()
@@ -59,6 +71,9 @@ def _bench(rank, world, port, device_type, batch, vocabs, iters, queue):
             received = batch * vocab * 4 * (world - 1) / world
             if name == "seq_parallel":
                 received = received / world + batch * 8 * (world - 1) / world
+            if name == "vocab_parallel":
+                chunks = max(1, min(-(-shard // 1024), 512 // batch))
+                received = 2 * batch * chunks * 4 * (world - 1)
             results.append({"vocab": vocab, "path": name, "ms": statistics.median(times) * 1e3,
                             "bytes_received_per_rank": int(received)})
     if rank == 0:
@@ -72,11 +87,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 151936])
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--plain", action="store_true", help="temperature alone (no top-p): adds the vocab-parallel path")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     ctx = mp.get_context("spawn")
-    record = {"device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu", "batch": args.batch,
+    record = {"device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu", "batch": args.batch, "plain": args.plain,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "runs": []}
     print(f"{'tp':>3} {'vocab':>7} {'path':>13} {'ms/step':>9} {'MB recv/rank':>13}")
     for world in args.tp:
@@ -84,7 +100,8 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         queue = ctx.Queue()
-        procs = [ctx.Process(target=_bench, args=(r, world, port, device_type, args.batch, args.vocab, args.iters, queue))
+        procs = [ctx.Process(target=_bench, args=(r, world, port, device_type, args.batch, args.vocab, args.iters, args.plain,
+                                                   queue))
                  for r in range(world)]
         for proc in procs:
             proc.start()

@@ -2,12 +2,9 @@
 
 import os
 import signal
-import socket
 import time
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
 from albireo import LLM, SamplingParams
 from albireo.executor.executor import WorkerDiedError
@@ -84,39 +81,3 @@ def test_rank0_profiles_the_steps_asked_for_through_the_environment(tiny_model, 
         llm.engine.shutdown()
     text = table.read_text()
     assert text.startswith("rank 0, 3 steps") and "aten::" in text
-
-
-def _row_parallel_rank(rank, port, full_weight, x_full, results):
-    from albireo.distributed import parallel_state as ps
-    from albireo.layers.linear import RowParallelLinear
-
-    ps.init_distributed(rank, 2, ps.Rendezvous("127.0.0.1", port), "gloo")
-    ps.OVERLAP_MIN_CHUNK_ROWS = 2
-    layer = RowParallelLinear(full_weight.shape[1], full_weight.shape[0])
-    layer.weight.weight_loader(layer.weight, full_weight)
-    x = x_full.narrow(1, rank * layer.local_input, layer.local_input)
-    for i, chunks in enumerate([1, 3]):
-        ps.set_all_reduce_overlap(chunks)
-        assert ps.overlap_chunks(x, full_weight.shape[0]) == chunks
-        results[rank][i].copy_(layer(x))
-    ps.shutdown_distributed()
-
-
-def test_row_parallel_layer_in_overlapped_chunks_sums_what_it_sums_whole():
-    g = torch.Generator().manual_seed(0)
-    weight, x = torch.randn(6, 8, generator=g), torch.randn(7, 8, generator=g)
-    results = [[torch.empty(7, 6).share_memory_() for _ in range(2)] for _ in range(2)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_row_parallel_rank, args=(r, port, weight, x, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    whole = results[0][0]
-    torch.testing.assert_close(whole, x @ weight.t())
-    for rank in range(2):
-        assert torch.equal(results[rank][0], whole) and torch.equal(results[rank][1], whole)

@@ -32,7 +32,6 @@ def git_commit() -> str:
 
 def engine_facts(llm, args) -> dict:
     """The record fields that describe the engine a benchmark ran on."""
-    from albireo.distributed import parallel_state
     from albireo.runner import model_runner
 
     config = llm.engine.config
@@ -42,8 +41,6 @@ def engine_facts(llm, args) -> dict:
         "tp": config.parallel.tensor_parallel_size,
         "tp_sampling": config.parallel.sampling,
         "all_reduce": config.parallel.all_reduce,
-        "all_reduce_overlap": config.parallel.all_reduce_overlap,
-        "gemv_all_reduce": parallel_state.FUSE_GEMV_ALL_REDUCE,
         "async_scheduling": config.scheduler.async_scheduling,
         "cuda_graphs": config.device == "cuda" and not config.enforce_eager,
         "fused_kernels": config.fused_kernels,

@@ -21,11 +21,6 @@ _group: dist.ProcessGroup | None = None
 _rank = 0
 _size = 1
 _symm_all_reduce: SymmMemAllReduce | None = None
-_overlap_chunks = 1
-# A batch-1 row-parallel layer in one kernel with its all-reduce; ALBIREO_GEMV_ALL_REDUCE=0 for A/B runs.
-FUSE_GEMV_ALL_REDUCE = os.environ.get("ALBIREO_GEMV_ALL_REDUCE", "1") != "0"
-# A chunk must keep the matmul efficient and the all-reduce large enough to stream at full speed.
-OVERLAP_MIN_CHUNK_ROWS = 1024
 
 
 def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
@@ -55,34 +50,6 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def set_all_reduce_overlap(chunks: int) -> None:
-    """Up to how many row chunks a row-parallel layer may split into (`overlap_chunks`); 1: none."""
-    global _overlap_chunks
-    _overlap_chunks = chunks
-
-
-def overlap_chunks(x: torch.Tensor, out_features: int) -> int:
-    """How many row chunks a row-parallel layer should compute x [rows, in] in, each chunk's
-    all-reduce overlapping the next chunk's matmul: 1 (no split) unless the all-reduce would go to
-    NCCL (too big for peer memory), the rows give chunks of at least OVERLAP_MIN_CHUNK_ROWS, and no
-    CUDA graph is being captured (a graph's steps are decode steps of few rows anyway)."""
-    if _size == 1 or _overlap_chunks == 1:
-        return 1
-    rows = x.shape[0]
-    chunks = min(_overlap_chunks, rows // OVERLAP_MIN_CHUNK_ROWS)
-    if chunks < 2 or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return 1
-    if _symm_all_reduce is not None and rows * out_features <= _symm_all_reduce.max_numel:
-        return 1
-    return chunks
-
-
-def tp_all_reduce_async(x: torch.Tensor) -> dist.Work:
-    """Start summing x over the ranks (NCCL or gloo), in place; the returned work's wait() makes the
-    current stream (on CPU: this thread) wait for it."""
-    return dist.all_reduce(x, group=_group, async_op=True)
-
-
 def tp_all_reduce_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -91,19 +58,6 @@ def tp_all_reduce_rms_norm(
     if (_size > 1 and _symm_all_reduce is not None and kernels.fused_on(x) and residual.dtype == x.dtype
             and residual.shape == x.shape and residual.is_contiguous() and _symm_all_reduce.fits_one_shot(x)):
         return _symm_all_reduce.push(x, residual, weight, eps)
-    return None
-
-
-def tp_gemv_all_reduce_rms_norm(
-    x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, silu_mul: bool
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A batch-1 row-parallel layer whole: (rms_norm(sum + residual), sum + residual) of sum = the
-    all-reduce of x W^T (silu(gate) * up W^T with silu_mul), in one kernel that pushes each output
-    to the peers as soon as it is computed; None where that kernel does not take the operands (it
-    serves the single-row GEMV path, over peer memory, fused kernels on)."""
-    if (_size > 1 and FUSE_GEMV_ALL_REDUCE and _symm_all_reduce is not None and kernels.fused_on(x) and x.dim() == 2
-            and x.shape[0] == 1 and _symm_all_reduce.fits_gemv(x, w, residual)):
-        return _symm_all_reduce.gemv_push(x, w, residual, weight, eps, silu_mul)
     return None
 
 

@@ -84,24 +84,3 @@ class SymmMemAllReduce:
         """The one-shot sum (x must fit it); with residual and weight, fused with add and RMSNorm."""
         return self.kernels.push_all_reduce(x, self.peers, self.rounds, self.one_shot_max_numel, self.rank,
                                             residual, weight, eps)
-
-    def fits_gemv(self, x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Whether `gemv_push` takes a row-parallel layer's input x, weight shard w and residual: the
-        GEMV's operands (half precision, few rows, contiguous K; x as [gate | up] is [M, 2K]), its
-        output within a one-shot slot, each output row whole in one program, the residual in place."""
-        if x.dim() != 2 or w.dim() != 2:
-            return False
-        m, n = x.shape[0], w.shape[0]
-        return (x.dtype == self.dtype and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
-                and 0 < m <= self.kernels.MAX_ROWS and x.shape[1] in (w.shape[1], 2 * w.shape[1])
-                and 0 < m * n <= self.one_shot_max_numel and n <= self.kernels.MAX_NORM_BLOCK
-                and x.stride(1) == 1 and w.stride(1) == 1
-                and residual.dtype == x.dtype and residual.shape == (m, n) and residual.is_contiguous())
-
-    def gemv_push(self, x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                  silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms_norm(sum + residual), sum + residual) of sum = the all-reduce of gemv(x, w, silu_mul),
-        in one kernel, the second in place in residual (the operands must fit it: `fits_gemv`). It
-        shares `push`'s buffers and round, so the two may be called in any order."""
-        return self.kernels.gemv_push_all_reduce(x, w, self.peers, self.rounds, self.one_shot_max_numel, self.rank,
-                                                 residual, weight, eps, silu_mul)

@@ -42,9 +42,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="under TP: each rank samples a slice of the rows, or every rank samples all of them")
     g.add_argument("--all-reduce", default="symm_mem", choices=["symm_mem", "nccl"],
                    help="under TP on GPUs: small all-reduces over peer memory (NCCL for the rest), or NCCL only")
-    g.add_argument("--all-reduce-overlap", type=int, default=4, metavar="CHUNKS",
-                   help="under TP: a prefill step's row-parallel layers run in up to this many row chunks, each "
-                   "chunk's all-reduce overlapping the next chunk's matmul (1: off)")
     g.add_argument("--nnodes", type=int, default=None,
                    help="nodes the TP ranks are split over (default: $NNODES, else 1)")
     g.add_argument("--node-rank", type=int, default=None,

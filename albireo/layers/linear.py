@@ -13,15 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albireo import kernels
-from albireo.distributed.parallel_state import (
-    overlap_chunks,
-    tp_all_reduce,
-    tp_all_reduce_async,
-    tp_all_reduce_rms_norm,
-    tp_gemv_all_reduce_rms_norm,
-    tp_rank,
-    tp_size,
-)
+from albireo.distributed.parallel_state import tp_all_reduce, tp_all_reduce_rms_norm, tp_rank, tp_size
 from albireo.layers.norm import RMSNorm
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -147,40 +139,14 @@ class RowParallelLinear(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The sum over ranks, + b. With silu_mul, x is a fused [gate | up] whose silu(gate) * up is
         the input. With `norm` (the RMSNorm after this layer) and the residual stream, returns
-        instead (norm(sum + residual), sum + residual), in one kernel where peer memory takes the
-        all-reduce: with the matmul too at batch 1, else with the add and the norm."""
-        fuse = norm is not None and self.bias is None
-        if fuse:
-            fused = tp_gemv_all_reduce_rms_norm(x, self.weight, residual, norm.weight, norm.eps, silu_mul)
+        instead (norm(sum + residual), sum + residual), the all-reduce, the add and the norm in one
+        kernel where peer memory takes the all-reduce."""
+        y = linear(x, self.weight, silu_mul=silu_mul)
+        if norm is not None and self.bias is None:
+            fused = tp_all_reduce_rms_norm(y, residual, norm.weight, norm.eps)
             if fused is not None:
                 return fused
-        chunks = overlap_chunks(x, self.weight.shape[0])
-        if chunks > 1:
-            y = self._sum_in_chunks(x, silu_mul, chunks)
-        else:
-            y = linear(x, self.weight, silu_mul=silu_mul)
-            if fuse:
-                fused = tp_all_reduce_rms_norm(y, residual, norm.weight, norm.eps)
-                if fused is not None:
-                    return fused
-            y = tp_all_reduce(y)
+        y = tp_all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y if norm is None else norm(y, residual)
-
-    def _sum_in_chunks(self, x: torch.Tensor, silu_mul: bool, chunks: int) -> torch.Tensor:
-        """The sum over ranks of a large x (a prefill step's), computed in row chunks: each chunk's
-        all-reduce (NCCL, on its own stream) runs while the matmul of the next one does, so only the
-        last chunk's is left exposed (in a 16k-token step of an 8B model at TP=2 the unchunked
-        all-reduces took 37 of its ~210 ms on two H200s)."""
-        rows = x.shape[0]
-        y = torch.empty(rows, self.weight.shape[0], dtype=x.dtype, device=x.device)
-        pending = []
-        for i in range(chunks):
-            lo, hi = rows * i // chunks, rows * (i + 1) // chunks
-            part = silu_and_mul(x[lo:hi]) if silu_mul else x[lo:hi]
-            torch.matmul(part, self.weight.t(), out=y[lo:hi])
-            pending.append(tp_all_reduce_async(y[lo:hi]))
-        for work in pending:
-            work.wait()
-        return y

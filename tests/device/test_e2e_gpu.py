@@ -210,23 +210,6 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
     assert tp_n == tp1
 
 
-def test_prefill_all_reduces_overlapped_in_chunks_give_the_same_tokens():
-    """A 4096-token prefill step of the 1B shape in float32: its all-reduces (32 MiB) go to NCCL,
-    in four chunks overlapping the matmuls, or whole (all_reduce_overlap=1)."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
-    path = str(Path(__file__).resolve().parents[2] / "benchmarks" / "models" / "llama-3.2-1b")
-    prompts = random_prompts(4, seed=13, min_len=1024, max_len=1024)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    tokens = [
-        _tokens_then_free(lambda: LLM(path, load_format="dummy", dtype="float32", tensor_parallel_size=2,
-                                      all_reduce_overlap=chunks, max_num_batched_tokens=4096, max_model_len=2048,
-                                      skip_tokenizer_init=True, gpu_memory_utilization=0.5), prompts, params)
-        for chunks in (1, 4)
-    ]
-    assert tokens[0] == tokens[1]
-
-
 def test_host_kv_tier_on_the_gpu_gives_the_same_tokens(tiny_model):
     """Saves and layer-by-layer loads on the copy stream, forward waiting per layer, CUDA graphs on."""
     from test_engine_equivalence import run_chats
