@@ -79,7 +79,8 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats(30)
         return
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    # With a trace, Python frames too: what the host does between the torch calls shows in it.
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.trace is not None) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
