@@ -56,9 +56,18 @@ def test_vocabulary_shards_pick_the_token_the_whole_row_draws():
     padded = torch.cat([logits, torch.full((3, 2 * shard - vocab), 1e4)], dim=1)  # padding must never win
     parts = [gumbel_candidates(padded[:, lo : lo + shard].contiguous(), temperature, s, lo, min(lo + shard, vocab),
                                num_chunks=2) for lo in (0, shard)]
-    picked = pick_candidates(torch.cat(parts, dim=2))
+    picked = pick_candidates(*(torch.cat(columns, dim=1) for columns in zip(*parts)))
     assert picked.tolist() == gumbel_sample(logits, temperature, s).tolist()
     assert picked[0].item() == 2599
+
+
+@interpreted
+def test_more_chunks_than_one_tile_of_the_picking_kernel_pick_the_argmax():
+    logits = torch.randn(3, 200_000, generator=torch.Generator().manual_seed(5))  # 196 chunks a row
+    logits[0, 5] = logits[0, 150_000] = 50.0  # tied across tiles: the first column wins
+    logits[1, 190_000] = 50.0  # the maximum in the second tile
+    out = gumbel_sample(logits, torch.zeros(3), seeds(3))
+    assert out.tolist() == [5, 190_000, int(logits[2].argmax())]
 
 
 @interpreted

@@ -68,25 +68,38 @@ def _gumbel_argmax_kernel(
     tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, winner)
 
 
+# A fixed tile over the chunks, whatever their number: a block size that followed the batch compiled
+# a variant per power of two, in the middle of a run (W1's first steps spent 90 and 70 ms on them).
+_CHUNK_TILE = 128
+
+
 @triton.jit(do_not_specialize=["NUM_CHUNKS"])
 def _chunk_argmax_kernel(best_score_ptr, best_idx_ptr, out_ptr, NUM_CHUNKS, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < NUM_CHUNKS
-    score = tl.load(best_score_ptr + row * NUM_CHUNKS + offs, mask=mask, other=float("-inf"))
-    idx = tl.load(best_idx_ptr + row * NUM_CHUNKS + offs, mask=mask, other=2147483647)
-    top = tl.max(score, 0)
-    # Chunks are in column order, so the smallest index among the tied maxima is the first one.
-    tl.store(out_ptr + row, tl.min(tl.where(score == top, idx, 2147483647), 0).to(tl.int64))
+    best = float("-inf")
+    best_idx = 2147483647
+    for start in range(0, NUM_CHUNKS, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < NUM_CHUNKS
+        score = tl.load(best_score_ptr + row * NUM_CHUNKS + offs, mask=mask, other=float("-inf"))
+        idx = tl.load(best_idx_ptr + row * NUM_CHUNKS + offs, mask=mask, other=2147483647)
+        top = tl.max(score, 0)
+        # Chunks are in column order, so the smallest index among the tied maxima is the first one,
+        # and a later tile only wins with a strictly larger score.
+        first = tl.min(tl.where(score == top, idx, 2147483647), 0)
+        take = (top > best) | ((top == best) & (first < best_idx))
+        best_idx = tl.where(take, first, best_idx)
+        best = tl.maximum(best, top)
+    tl.store(out_ptr + row, best_idx.to(tl.int64))
 
 
 def gumbel_candidates(
     logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, col_lo: int = 0, col_hi: int | None = None,
     num_chunks: int | None = None,
-) -> torch.Tensor:
-    """Each row's best (score, column) per chunk of the columns [col_lo, col_hi) that logits [B, n]
-    hold: [2, B, num_chunks] float32, the columns' int32 bits in [1]. Ranks holding vocabulary shards
-    pass the same num_chunks, so that their candidates stack (`pick_candidates`)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best score and column per chunk of the columns [col_lo, col_hi) that logits [B, n]
+    hold: float32 and int32 [B, num_chunks]. Ranks holding vocabulary shards pass the same
+    num_chunks, so that their candidates line up (`pick_candidates`)."""
     assert logits.stride(1) == 1, "the vocabulary dimension must be contiguous"
     batch = logits.shape[0]
     col_hi = col_lo + logits.shape[1] if col_hi is None else col_hi
@@ -94,28 +107,27 @@ def gumbel_candidates(
     if num_chunks is None:
         num_chunks = max(1, min(blocks, _TARGET_PROGRAMS // max(batch, 1)))
     chunk_blocks = max(1, triton.cdiv(blocks, num_chunks))
-    candidates = torch.empty(2, batch, num_chunks, dtype=torch.float32, device=logits.device)
+    scores = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
     if batch:
         _gumbel_argmax_kernel[(batch, num_chunks)](
-            logits, logits.stride(0), temperature, seeds, candidates[0], candidates[1].view(torch.int32),
-            col_lo, col_hi, chunk_blocks, num_chunks, BLOCK=_BLOCK, num_warps=4,
+            logits, logits.stride(0), temperature, seeds, scores, indices, col_lo, col_hi, chunk_blocks, num_chunks,
+            BLOCK=_BLOCK, num_warps=4,
         )
-    return candidates
+    return scores, indices
 
 
-def pick_candidates(candidates: torch.Tensor) -> torch.Tensor:
-    """The token of each row from candidates [2, B, C] whose chunks are in column order (shards'
+def pick_candidates(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The token of each row from candidates [B, C] whose chunks are in column order (shards'
     candidates concatenated along C in rank order): the best score, the first column among ties."""
-    batch, num_chunks = candidates.shape[1:]
-    out = torch.empty(batch, dtype=torch.int64, device=candidates.device)
+    batch, num_chunks = scores.shape
+    out = torch.empty(batch, dtype=torch.int64, device=scores.device)
     if batch:
-        scores, indices = candidates[0].contiguous(), candidates[1].contiguous().view(torch.int32)
-        _chunk_argmax_kernel[(batch,)](
-            scores, indices, out, num_chunks, BLOCK=triton.next_power_of_2(num_chunks), num_warps=1,
-        )
+        _chunk_argmax_kernel[(batch,)](scores.contiguous(), indices.contiguous(), out, num_chunks, BLOCK=_CHUNK_TILE,
+                                       num_warps=1)
     return out
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """One token per row of logits [B, V]: temperature [B] float32 (0 = greedy), seeds [B] int64."""
-    return pick_candidates(gumbel_candidates(logits, temperature, seeds))
+    return pick_candidates(*gumbel_candidates(logits, temperature, seeds))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from albireo import kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.layers.attention import AttentionMetadata
@@ -157,6 +158,13 @@ class ModelRunner:
         hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
         logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
         torch.softmax(logits.float(), dim=-1).sort(dim=-1)  # the sampler's filtering path, in float32
+        if kernels.fused_on(logits):
+            # The one-pass sampling kernels compile now, not in the first step that samples.
+            from albireo.kernels.triton_sampling import gumbel_sample
+
+            batch = logits.shape[0]
+            gumbel_sample(logits, torch.ones(batch, device=self.device),
+                          torch.zeros(batch, dtype=torch.int64, device=self.device))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         for layer in self.model.attention_layers():

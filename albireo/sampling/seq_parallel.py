@@ -63,11 +63,14 @@ def vocab_parallel_gumbel(local_logits: torch.Tensor, metadata: SamplingMetadata
     lo = rank * shard
     # The same number of chunks on every rank, so that the candidates stack.
     num_chunks = max(1, min(-(-shard // 1024), 512 // max(batch, 1)))
-    candidates = gumbel_candidates(local_logits, metadata.fused_temperature, metadata.fused_seeds, lo,
-                                   min(lo + shard, vocab_size), num_chunks)
-    gathered = torch.empty((t, *candidates.shape), dtype=candidates.dtype, device=candidates.device)
-    dist.all_gather_into_tensor(gathered, candidates, group=ps.tp_group())
-    return pick_candidates(torch.cat(gathered.unbind(0), dim=2))
+    scores, indices = gumbel_candidates(local_logits, metadata.fused_temperature, metadata.fused_seeds, lo,
+                                        min(lo + shard, vocab_size), num_chunks)
+    # One collective for both: the columns travel as the bits of float32s.
+    mine = torch.stack([scores, indices.view(torch.float32)])
+    gathered = torch.empty((t, *mine.shape), dtype=mine.dtype, device=mine.device)
+    dist.all_gather_into_tensor(gathered, mine, group=ps.tp_group())
+    stacked = torch.cat(gathered.unbind(0), dim=2)  # [2, B, t * C], chunks in column order
+    return pick_candidates(stacked[0], stacked[1].contiguous().view(torch.int32))
 
 
 def seq_parallel_sample(
