@@ -70,6 +70,49 @@ def test_more_chunks_than_one_tile_of_the_picking_kernel_pick_the_argmax():
     assert out.tolist() == [5, 190_000, int(logits[2].argmax())]
 
 
+def _vocab_parallel_rank(rank, port, logits, temperature, seed_values, out):
+    import dataclasses
+
+    from albireo.distributed import parallel_state as ps
+    from albireo.sampling.sampler import SamplingMetadata, SamplingRow
+    from albireo.sampling.seq_parallel import vocab_parallel_gumbel
+    from albireo.sampling_params import SamplingParams
+
+    ps.init_distributed(rank, 2, ps.Rendezvous("127.0.0.1", port), "gloo")
+    batch, vocab = logits.shape
+    shard = -(-vocab // 2)
+    # The LM head's last shard is padded past the vocabulary; the padding must never win.
+    padded = torch.cat([logits, torch.full((batch, 2 * shard - vocab), 1e4)], dim=1)
+    rows = [SamplingRow(SamplingParams(temperature=1.0), [], [], []) for _ in range(batch)]
+    metadata = dataclasses.replace(SamplingMetadata.build(rows, vocab, torch.device("cpu")),
+                                   fused_temperature=temperature, fused_seeds=seed_values)
+    out[rank].copy_(vocab_parallel_gumbel(padded[:, rank * shard : (rank + 1) * shard].contiguous(), metadata, vocab))
+    ps.shutdown_distributed()
+
+
+@interpreted
+def test_two_ranks_sampling_their_vocabulary_shards_give_every_rank_the_unsharded_tokens():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(6))
+    temperature, s = torch.tensor([0.0, 1.0, 0.7, 1.3]), seeds(4)
+    out = torch.zeros(2, 4, dtype=torch.int64).share_memory_()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_vocab_parallel_rank, args=(r, port, logits, temperature, s, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    expected = gumbel_sample(logits, temperature, s).tolist()
+    assert out[0].tolist() == expected and out[1].tolist() == expected
+
+
 @interpreted
 def test_a_row_of_only_minus_infinity_gives_column_zero_like_argmax():
     logits = torch.full((1, 3000), float("-inf"))

@@ -67,9 +67,10 @@ def vocab_parallel_gumbel(local_logits: torch.Tensor, metadata: SamplingMetadata
                                         min(lo + shard, vocab_size), num_chunks)
     # One collective for both: the columns travel as the bits of float32s.
     mine = torch.stack([scores, indices.view(torch.float32)])
-    gathered = torch.empty((t, *mine.shape), dtype=mine.dtype, device=mine.device)
+    # Gathered as ranks' tensors end to end along the first dimension (gloo takes no other layout).
+    gathered = torch.empty((t * mine.shape[0], *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
     dist.all_gather_into_tensor(gathered, mine, group=ps.tp_group())
-    stacked = torch.cat(gathered.unbind(0), dim=2)  # [2, B, t * C], chunks in column order
+    stacked = torch.cat(gathered.view(t, *mine.shape).unbind(0), dim=2)  # [2, B, t * C], chunks in column order
     return pick_candidates(stacked[0], stacked[1].contiguous().view(torch.int32))
 
 
