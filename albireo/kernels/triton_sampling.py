@@ -105,8 +105,10 @@ def gumbel_candidates(
     col_hi = col_lo + logits.shape[1] if col_hi is None else col_hi
     blocks = triton.cdiv(col_hi, _BLOCK) - col_lo // _BLOCK
     if num_chunks is None:
-        num_chunks = max(1, min(blocks, _TARGET_PROGRAMS // max(batch, 1)))
-    chunk_blocks = max(1, triton.cdiv(blocks, num_chunks))
+        chunk_blocks = triton.cdiv(blocks, max(1, min(blocks, _TARGET_PROGRAMS // max(batch, 1))))
+        num_chunks = triton.cdiv(blocks, chunk_blocks)  # no chunk left without columns
+    else:
+        chunk_blocks = max(1, triton.cdiv(blocks, num_chunks))
     scores = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
     indices = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
     if batch:
