@@ -143,6 +143,28 @@ def test_decode_loop_never_synchronizes_implicitly(tiny_model):
         engine.step()
 
 
+def test_a_first_run_compiles_no_kernel(tiny_model):
+    """Kernels compile at start-up (the memory profile, the graph capture): a first run that samples,
+    prefills in chunks and decodes at several batch sizes compiles nothing (W1's first steps once
+    spent 90 and 70 ms compiling the sampler's kernels)."""
+    import triton
+
+    llm = LLM(tiny_model("llama"), dtype="bfloat16", max_num_batched_tokens=64, gpu_memory_utilization=0.3)
+    compiled = []
+
+    def record(*, repr, **_):
+        compiled.append(repr)
+        return False  # compile as usual
+
+    triton.knobs.runtime.jit_cache_hook = record
+    try:
+        params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+        llm.generate(random_prompts(20, seed=5), params, use_tqdm=False)
+    finally:
+        triton.knobs.runtime.jit_cache_hook = None
+    assert compiled == []
+
+
 def test_async_and_sync_scheduling_give_the_same_tokens_on_gpu(tiny_model):
     path = tiny_model("llama")
     prompts = random_prompts(40, seed=6)
