@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from albireo.distributed import parallel_state as ps
+from albireo.kernels.triton_sampling import chunks_for
 from albireo.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
 from albireo.sampling.seq_parallel import seq_parallel_sample
 from albireo.sampling_params import SamplingParams
@@ -54,7 +55,7 @@ def _bench(rank, world, port, device_type, batch, vocabs, iters, plain, queue):
             return seq_parallel_sample(sampler, local, rows, vocab, metadata).sampled_token_ids
 
         paths = [("all_gather", all_gather_path), ("seq_parallel", seq_parallel_path)]
-        if metadata.fused_seeds is not None and metadata.fused_alone:
+        if metadata.fused_alone:
             paths.append(("vocab_parallel", vocab_parallel_path))
         for name, fn in paths:
             times = []
@@ -72,8 +73,7 @@ def _bench(rank, world, port, device_type, batch, vocabs, iters, plain, queue):
             if name == "seq_parallel":
                 received = received / world + batch * 8 * (world - 1) / world
             if name == "vocab_parallel":
-                chunks = max(1, min(-(-shard // 1024), 512 // batch))
-                received = 2 * batch * chunks * 4 * (world - 1)
+                received = 2 * batch * chunks_for(batch, shard) * 4 * (world - 1)
             results.append({"vocab": vocab, "path": name, "ms": statistics.median(times) * 1e3,
                             "bytes_received_per_rank": int(received)})
     if rank == 0:

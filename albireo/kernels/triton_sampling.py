@@ -93,6 +93,11 @@ def _chunk_argmax_kernel(best_score_ptr, best_idx_ptr, out_ptr, NUM_CHUNKS, BLOC
     tl.store(out_ptr + row, best_idx.to(tl.int64))
 
 
+def chunks_for(batch: int, columns: int) -> int:
+    """How many chunks each row's `columns` logits split into: enough programs to fill the GPU."""
+    return max(1, min(triton.cdiv(columns, _BLOCK), _TARGET_PROGRAMS // max(batch, 1)))
+
+
 def gumbel_candidates(
     logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, col_lo: int = 0, col_hi: int | None = None,
     num_chunks: int | None = None,
@@ -105,7 +110,7 @@ def gumbel_candidates(
     col_hi = col_lo + logits.shape[1] if col_hi is None else col_hi
     blocks = triton.cdiv(col_hi, _BLOCK) - col_lo // _BLOCK
     if num_chunks is None:
-        chunk_blocks = triton.cdiv(blocks, max(1, min(blocks, _TARGET_PROGRAMS // max(batch, 1))))
+        chunk_blocks = triton.cdiv(blocks, chunks_for(batch, col_hi - col_lo))
         num_chunks = triton.cdiv(blocks, chunk_blocks)  # no chunk left without columns
     else:
         chunk_blocks = max(1, triton.cdiv(blocks, num_chunks))

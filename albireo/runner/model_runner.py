@@ -344,8 +344,8 @@ class ModelRunner:
         sampling_rows = metadata = None
         if samples:
             metadata = self._sampling_metadata(sampled_ids, sampling_states)
-        if self.seq_parallel:
-            sampling_rows = sampling_rows_of(sampling_states)
+        if self.seq_parallel and not (metadata is not None and metadata.fused_alone):
+            sampling_rows = sampling_rows_of(sampling_states)  # the vocabulary-parallel path needs none
         for state in sampling_states:
             state.num_pending += 1
 

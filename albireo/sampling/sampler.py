@@ -120,9 +120,10 @@ class SamplingMetadata:
 
     @property
     def fused_alone(self) -> bool:
-        """Whether the one-pass kernel is the whole pipeline: no filter, penalty, min_tokens or logprobs."""
-        return (self.filtered_rows is None and self.max_num_logprobs is None and self.min_tokens_block is None
-                and self.output_token_ids is None)
+        """Whether the one-pass kernel is the whole pipeline: it runs here (CUDA, fused kernels, a row
+        that samples), and no filter, penalty, min_tokens or logprobs follows it."""
+        return (self.fused_seeds is not None and self.filtered_rows is None and self.max_num_logprobs is None
+                and self.min_tokens_block is None and self.output_token_ids is None)
 
     def for_next_step(self) -> SamplingMetadata:
         """This metadata for the same rows one step later (only valid when `reusable`)."""
@@ -414,7 +415,7 @@ class Sampler(torch.nn.Module):
         assert logits.shape[1] == metadata.vocab_size, (
             f"logits have {logits.shape[1]} columns, metadata expects vocab_size={metadata.vocab_size}"
         )
-        if metadata.fused_seeds is not None and metadata.fused_alone:
+        if metadata.fused_alone:
             from albireo.kernels.triton_sampling import gumbel_sample
 
             # The kernel widens each logit to float32 as it reads it: no float32 copy of [B, V].

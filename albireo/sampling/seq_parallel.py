@@ -56,13 +56,13 @@ def vocab_parallel_gumbel(local_logits: torch.Tensor, metadata: SamplingMetadata
     with the one-pass kernel alone. Seeded rows draw their unsharded draw; the others draw exactly
     from softmax(logits / T) too, whatever seed each rank gave them, as the noise stays independent
     across columns."""
-    from albireo.kernels.triton_sampling import gumbel_candidates, pick_candidates
+    from albireo.kernels.triton_sampling import chunks_for, gumbel_candidates, pick_candidates
 
     t, rank = ps.tp_size(), ps.tp_rank()
     batch, shard = local_logits.shape
     lo = rank * shard
-    # The same number of chunks on every rank, so that the candidates stack.
-    num_chunks = max(1, min(-(-shard // 1024), 512 // max(batch, 1)))
+    # The same number of chunks on every rank (from the shard's width), so that the candidates stack.
+    num_chunks = chunks_for(batch, shard)
     scores, indices = gumbel_candidates(local_logits, metadata.fused_temperature, metadata.fused_seeds, lo,
                                         min(lo + shard, vocab_size), num_chunks)
     # One collective for both: the columns travel as the bits of float32s.
@@ -81,7 +81,7 @@ def seq_parallel_sample(
     """Sample every row of a TP batch, each rank doing 1/t of them; every rank gets all tokens.
     `metadata`, of all the rows, lets a batch that samples with the one-pass kernel alone take
     `vocab_parallel_gumbel`."""
-    if metadata is not None and metadata.fused_seeds is not None and metadata.fused_alone:
+    if metadata is not None and metadata.fused_alone:
         return SamplerOutput(vocab_parallel_gumbel(local_logits, metadata, vocab_size), None, None, None)
     t, rank = ps.tp_size(), ps.tp_rank()
     batch = len(rows)
