@@ -72,6 +72,17 @@ def test_rms_norm_residual(tf, t, hidden):
     assert torch.equal(x, x_before), "x is not modified"
 
 
+def test_rms_norm_with_an_addend_normalizes_the_sum_of_both_parts(tf):
+    """The copy-engine all-reduce leaves the peer's partial sum beside this rank's; the norm adds it."""
+    g = _gen(9)
+    layer = _norm_layer(576, 1e-6, g)
+    mine, theirs, residual = _randn(5, 576, g=g), _randn(5, 576, g=g), _randn(5, 576, g=g) * 4
+    want_out, want_res = layer(mine + theirs, residual.clone())
+    out, new_res = tf.rms_norm(mine, layer.weight, layer.eps, residual, addend=theirs)
+    _close(new_res, want_res, atol=0, rtol=0)
+    _close(out, want_out)
+
+
 def test_rms_norm_strided_rows(tf):
     """A row-strided 2D view (slice of a wider buffer) in and out, with residual."""
     g = _gen(5)

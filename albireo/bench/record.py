@@ -32,6 +32,7 @@ def git_commit() -> str:
 
 def engine_facts(llm, args) -> dict:
     """The record fields that describe the engine a benchmark ran on."""
+    from albireo.distributed import parallel_state
     from albireo.runner import model_runner
 
     config = llm.engine.config
@@ -47,6 +48,10 @@ def engine_facts(llm, args) -> dict:
         # Programmatic dependent launch (albireo/kernels/pdl.py), switched off by ALBIREO_PDL=0.
         "pdl": config.device == "cuda" and kernels.use_pdl,
         "copy_streams": config.device == "cuda" and model_runner.COPY_STREAMS,
+        # Large all-reduces of two GPU ranks on the copy engines, switched off by ALBIREO_CE_ALL_REDUCE=0.
+        "copy_engine_all_reduce": (config.device == "cuda" and config.parallel.tensor_parallel_size == 2
+                                   and config.parallel.all_reduce == "symm_mem"
+                                   and parallel_state.copy_engine_all_reduce_on),
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,

@@ -13,14 +13,20 @@ import torch
 import torch.distributed as dist
 
 from albireo import kernels
+from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce
 from albireo.distributed.symm_all_reduce import SymmMemAllReduce
 
 logger = logging.getLogger(__name__)
+
+# The A/B switch for the copy-engine path of large all-reduces: ALBIREO_CE_ALL_REDUCE=0 sends
+# them to NCCL, as before it existed.
+copy_engine_all_reduce_on = os.environ.get("ALBIREO_CE_ALL_REDUCE", "1") != "0"
 
 _group: dist.ProcessGroup | None = None
 _rank = 0
 _size = 1
 _symm_all_reduce: SymmMemAllReduce | None = None
+_copy_engine_all_reduce: CopyEngineAllReduce | None = None
 
 
 def set_tensor_parallel_group(group: dist.ProcessGroup | None) -> None:
@@ -61,9 +67,18 @@ def tp_all_reduce_rms_norm(
     return None
 
 
-def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:
-    """Route small all-reduces of `dtype` over peer memory (GPUs only); NCCL stays the fallback."""
-    global _symm_all_reduce
+def tp_copy_engine_all_reduce(rows: int, features: int, dtype: torch.dtype) -> CopyEngineAllReduce | None:
+    """The copy-engine path, where it takes a row-parallel layer's [rows, features] output."""
+    if _copy_engine_all_reduce is not None and _copy_engine_all_reduce.takes(rows, features, dtype):
+        return _copy_engine_all_reduce
+    return None
+
+
+def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype, max_activation_bytes: int = 0) -> bool:
+    """Route small all-reduces of `dtype` over peer memory and, at two ranks, large ones of up to
+    `max_activation_bytes` (a prefill step's) through the copy engines (GPUs only); NCCL stays the
+    fallback for the rest and for either path that cannot start."""
+    global _symm_all_reduce, _copy_engine_all_reduce
     if _size == 1 or device.type != "cuda":
         return False
     try:
@@ -71,11 +86,20 @@ def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype) -> bool:
     except Exception as e:  # no peer access between these GPUs, or a torch without the kernels
         logger.warning("all-reduce over peer memory unavailable (%s); using NCCL", e)
         _symm_all_reduce = None
+    if _symm_all_reduce is not None and _size == 2 and copy_engine_all_reduce_on and max_activation_bytes > 0:
+        try:
+            _copy_engine_all_reduce = CopyEngineAllReduce(_group, device, dtype, max_activation_bytes)
+        except Exception as e:  # no stream memory operations in this driver
+            logger.warning("all-reduce by the copy engines unavailable (%s); using NCCL for large tensors", e)
+            _copy_engine_all_reduce = None
     # Every rank must take the same path for each all-reduce, or they wait on each other forever.
-    everywhere = torch.tensor([_symm_all_reduce is not None], dtype=torch.int32, device=device)
+    everywhere = torch.tensor([_symm_all_reduce is not None, _copy_engine_all_reduce is not None],
+                              dtype=torch.int32, device=device)
     dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=_group)
-    if not everywhere.item():
+    if not everywhere[0].item():
         _symm_all_reduce = None
+    if not everywhere[1].item():
+        _copy_engine_all_reduce = None
     return _symm_all_reduce is not None
 
 
@@ -109,8 +133,8 @@ def init_distributed(rank: int, world_size: int, rendezvous: Rendezvous, backend
 
 
 def shutdown_distributed() -> None:
-    global _symm_all_reduce
-    _symm_all_reduce = None
+    global _symm_all_reduce, _copy_engine_all_reduce
+    _symm_all_reduce = _copy_engine_all_reduce = None
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tensor_parallel_group(None)

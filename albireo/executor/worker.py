@@ -40,7 +40,10 @@ class Worker:
             torch.cuda.set_device(self.device)
         # Peer memory spans the GPUs of one host only.
         if config.parallel.all_reduce == "symm_mem" and config.parallel.nnodes == 1:
-            enable_symm_all_reduce(self.device, config.model.torch_dtype(self.device))
+            dtype = config.model.torch_dtype(self.device)
+            # The largest row-parallel output: a full token budget of hidden states.
+            largest = config.scheduler.max_num_batched_tokens * config.arch.hidden_size * dtype.itemsize
+            enable_symm_all_reduce(self.device, dtype, largest)
         kernels.use_fused = config.fused_kernels
         # On the all-gather sampling path every rank samples every row: identical random streams
         # keep their tokens, and so their KV caches, identical.

@@ -46,6 +46,7 @@ def norm_num_warps(block: int) -> int:
 @triton.jit
 def _rms_norm_kernel(
     x_ptr,
+    add_ptr,
     res_ptr,
     w_ptr,
     out_ptr,
@@ -59,6 +60,7 @@ def _rms_norm_kernel(
     res_out_sb,
     N,
     eps,
+    HAS_ADDEND: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
@@ -71,6 +73,10 @@ def _rms_norm_kernel(
     mask = cols < N
 
     x = tl.load(x_ptr + a * x_sa + b * x_sb + cols, mask=mask, other=0.0)
+    if HAS_ADDEND:
+        # The other rank's part of an all-reduce: x + addend, rounded as the all-reduce rounds it.
+        y = tl.load(add_ptr + row * N + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + a * res_sa + b * res_sb + cols, mask=mask, other=0.0)
         # torch: s = x + residual, computed in fp32 and rounded to the promoted dtype.
@@ -109,9 +115,11 @@ def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    addend: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim of x; same results as ``RMSNorm.forward(x, residual)``.
+    """RMSNorm over the last dim of x; same results as ``RMSNorm.forward(x, residual)``, or with
+    ``addend`` (contiguous, x's shape and dtype) as ``RMSNorm.forward(x + addend, residual)``.
 
     Without residual: returns ``weight * norm(x.float()).to(x.dtype)``.
     With residual: s = x + residual; returns ``(weight * norm(s.float()).to(s.dtype), s)``.
@@ -146,11 +154,15 @@ def rms_norm(
             new_residual = torch.empty(x.shape, dtype=s_dtype, device=x.device)
             res_out3, _, _, res_out_sa, res_out_sb = _as_rows(new_residual)
 
+    if addend is not None:
+        assert addend.shape == x.shape and addend.dtype == x.dtype and addend.is_contiguous(), \
+            "addend must be contiguous, with x's shape and dtype"
     rows = a * b
     if rows > 0:
         on = pdl.enabled(x)
         _rms_norm_kernel[(rows,)](
             x3,
+            addend if addend is not None else x3,
             res3,
             weight,
             out,
@@ -164,6 +176,7 @@ def rms_norm(
             res_out_sb,
             n,
             eps,
+            HAS_ADDEND=addend is not None,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             PDL=on,

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from albireo import kernels
-from albireo.distributed.parallel_state import tp_all_reduce, tp_all_reduce_rms_norm, tp_rank, tp_size
+from albireo.distributed.parallel_state import (
+    tp_all_reduce,
+    tp_all_reduce_rms_norm,
+    tp_copy_engine_all_reduce,
+    tp_rank,
+    tp_size,
+)
 from albireo.layers.norm import RMSNorm
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -140,13 +146,23 @@ class RowParallelLinear(nn.Module):
         """The sum over ranks, + b. With silu_mul, x is a fused [gate | up] whose silu(gate) * up is
         the input. With `norm` (the RMSNorm after this layer) and the residual stream, returns
         instead (norm(sum + residual), sum + residual), the all-reduce, the add and the norm in one
-        kernel where peer memory takes the all-reduce."""
-        y = linear(x, self.weight, silu_mul=silu_mul)
-        if norm is not None and self.bias is None:
-            fused = tp_all_reduce_rms_norm(y, residual, norm.weight, norm.eps)
-            if fused is not None:
-                return fused
-        y = tp_all_reduce(y)
+        kernel where peer memory takes the all-reduce. A prefill step's large output is summed by
+        the copy engines while the matmul runs, and the peer's part is added inside the norm."""
+        copy_engines = tp_copy_engine_all_reduce(x.shape[0], self.weight.shape[0], x.dtype) if x.dim() == 2 else None
+        if copy_engines is not None:
+            mine, theirs = copy_engines.linear(silu_and_mul(x) if silu_mul else x, self.weight)
+            if norm is not None and self.bias is None and kernels.fused_on(mine):
+                from albireo.kernels.triton_fused import rms_norm
+
+                return rms_norm(mine, norm.weight, norm.eps, residual, addend=theirs)
+            y = mine.add_(theirs)
+        else:
+            y = linear(x, self.weight, silu_mul=silu_mul)
+            if norm is not None and self.bias is None:
+                fused = tp_all_reduce_rms_norm(y, residual, norm.weight, norm.eps)
+                if fused is not None:
+                    return fused
+            y = tp_all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y if norm is None else norm(y, residual)

@@ -232,6 +232,21 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
     assert tp_n == tp1
 
 
+def test_tp2_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_model, monkeypatch):
+    """The tiny model's activations are far below the copy-engine path's size: lower it to one byte
+    (the workers read it when they start) so that every prefill layer takes it."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_MIN_BYTES", "1")
+    path = tiny_model("qwen3")
+    prompts = random_prompts(9, seed=12)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+    tp1 = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3), prompts, params)
+    tp2 = _tokens_then_free(lambda: LLM(path, dtype="float32", tensor_parallel_size=2, gpu_memory_utilization=0.3),
+                            prompts, params)
+    assert tp2 == tp1
+
+
 def test_host_kv_tier_on_the_gpu_gives_the_same_tokens(tiny_model):
     """Saves and layer-by-layer loads on the copy stream, forward waiting per layer, CUDA graphs on."""
     from test_engine_equivalence import run_chats

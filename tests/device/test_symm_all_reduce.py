@@ -146,3 +146,42 @@ def _fused(rank, world, port, queue):
 
 def test_fused_all_reduce_add_norm_equals_all_reduce_then_norm():
     assert _spawn(_fused, 2) == 0
+
+
+def _copy_engine_layers(rank, world, port, queue, dtype):
+    """Row-parallel layers of several sizes in a row (both receive slots, both flag parities, a
+    smaller call after a larger one), then through the norm that adds the peer's part."""
+    import torch.distributed as dist
+
+    from albireo.layers.linear import RowParallelLinear
+    from albireo.layers.norm import RMSNorm
+
+    ps = _join(rank, world, port, dtype)
+    assert ps._copy_engine_all_reduce is None, "enabled without a largest activation size"
+    ps._copy_engine_all_reduce = ps.CopyEngineAllReduce(ps.tp_group(), torch.device("cuda", rank), dtype,
+                                                        4096 * 1024 * dtype.itemsize, min_bytes=1)
+    layer = RowParallelLinear(2 * 512, 1024).to("cuda", dtype)
+    layer.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(rank))
+    norm = RMSNorm(1024, 1e-5).to("cuda", dtype)
+    worst = 0.0
+    for rows in (4096, 37, 1000, 4096, 8, 513):
+        torch.manual_seed(rows * 10 + rank)
+        x = torch.randn(rows, 512, device="cuda", dtype=dtype)
+        # The layer multiplies in row chunks; cuBLAS may round a chunk differently from the whole.
+        chunks = ps._copy_engine_all_reduce.chunks
+        expected = torch.cat([x[rows * i // chunks: rows * (i + 1) // chunks] @ layer.weight.t() for i in range(chunks)])
+        dist.all_reduce(expected)
+        worst = max(worst, (layer(x) - expected).abs().max().item())
+        torch.manual_seed(rows)  # the residual is the same on every rank, as in the model
+        residual = torch.randn(rows, 1024, device="cuda", dtype=dtype)
+        want_out, want_residual = norm(expected, residual.clone())
+        got_out, got_residual = layer(x, residual=residual, norm=norm)
+        worst = max(worst, (got_out - want_out).abs().max().item(), (got_residual - want_residual).abs().max().item())
+    dist.barrier()
+    if rank == 0:
+        queue.put(worst)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_copy_engine_all_reduce_equals_nccl_through_the_layer_and_its_norm(dtype):
+    assert _spawn(_copy_engine_layers, 2, dtype) == 0.0

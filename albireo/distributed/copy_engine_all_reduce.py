@@ -1,0 +1,125 @@
+"""The large all-reduces of a prefill step at TP=2, moved by the copy engines while the matmul runs.
+
+A 16k-token prefill step of an 8B model at TP=2 sums 64 tensors of 128 MiB across the two GPUs.
+NCCL moved them at ~276 GB/s with kernels that hold SMs, so they hardly overlapped the matmuls
+around them (37 of a 222 ms step on two H200s; bench/prefill_allreduce.py). Here a row-parallel
+layer runs its matmul in row chunks, and as each chunk lands a DMA copy on a stream of its own
+sends it into the peer's receive buffer over NVLink while the next chunk multiplies: the copy
+engines move the bytes, no SM does. After the last chunk each rank raises a flag in the peer's
+memory and waits for the peer's (stream memory operations: the GPU's front end writes and polls
+them, again without an SM); the kernel after the layer, the residual add and RMSNorm, adds what it
+received as it reads its own partial sum.
+
+Each rank sends its whole partial sum, N bytes, which at two ranks is what a reduce-scatter plus
+an all-gather send, with one handshake instead of two; at more ranks a whole copy per peer would
+send more than a ring, so this path is for pairs. a + b rounds the same on both ranks, so both
+hold the same sum.
+
+The receive buffer and the flag alternate between two slots by call parity. A rank sends call
+e + 2 only after its matmul of call e + 2, which follows its wait for the peer's flag of call
+e + 1, which the peer raised after it had sent call e + 1, which it did after it had added call
+e's slot: so a slot is never overwritten while its reader still needs it, and the flag value of a
+slot only goes up by two between the waits on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+import torch.distributed as dist
+
+# Below this many bytes the one-shot push kernel (symm_all_reduce.py) or NCCL is as fast: the
+# copies' fixed costs dominate. ALBIREO_CE_ALL_REDUCE_MIN_BYTES moves it (tests send tiny models
+# through this path).
+MIN_BYTES = int(os.environ.get("ALBIREO_CE_ALL_REDUCE_MIN_BYTES", 8 * 2**20))
+CHUNKS = 4
+
+_WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
+_WRITE_VALUE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a system-wide fence before the write
+
+
+class _StreamMemOps:
+    """cuStreamWriteValue32 and cuStreamWaitValue32 from the driver (torch does not expose the wait)."""
+
+    def __init__(self) -> None:
+        driver = ctypes.CDLL("libcuda.so.1")
+        self._write = self._function(driver, "cuStreamWriteValue32")
+        self._wait = self._function(driver, "cuStreamWaitValue32")
+
+    @staticmethod
+    def _function(driver: ctypes.CDLL, name: str):
+        fn = getattr(driver, name + "_v2", None) or getattr(driver, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+
+    def write(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
+        self._check("cuStreamWriteValue32", self._write(stream.cuda_stream, address, value, _WRITE_VALUE_DEFAULT))
+
+    def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
+        self._check("cuStreamWaitValue32", self._wait(stream.cuda_stream, address, value, _WAIT_VALUE_EQ))
+
+    @staticmethod
+    def _check(name: str, status: int) -> None:
+        if status != 0:
+            raise RuntimeError(f"{name} failed with CUresult {status}")
+
+
+class CopyEngineAllReduce:
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int,
+                 min_bytes: int = MIN_BYTES, chunks: int = CHUNKS) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if dist.get_world_size(group) != 2:
+            raise ValueError("the copy-engine all-reduce is for two ranks")
+        self.dtype = dtype
+        self.min_numel = max(min_bytes // dtype.itemsize, 1)
+        self.max_numel = max_bytes // dtype.itemsize
+        self.chunks = chunks
+        self.rank = dist.get_rank(group)
+        peer = 1 - self.rank
+        self.ops = _StreamMemOps()
+        self.stream = torch.cuda.Stream(device)
+
+        # Two receive slots and two flags per rank, all zero before the first call.
+        self.receive = symm_mem.empty(2 * self.max_numel, dtype=dtype, device=device)
+        receive = symm_mem.rendezvous(self.receive, group)
+        self.peer_receive = receive.get_buffer(peer, (2, self.max_numel), dtype)
+        self.flags = symm_mem.empty(2, dtype=torch.int32, device=device)
+        self.flags.zero_()
+        torch.cuda.synchronize(device)
+        flags = symm_mem.rendezvous(self.flags, group)
+        self.own_flag_ptrs = [flags.buffer_ptrs[self.rank] + 4 * slot for slot in range(2)]
+        self.peer_flag_ptrs = [flags.buffer_ptrs[peer] + 4 * slot for slot in range(2)]
+        self.calls = 0
+        dist.barrier(group)  # no peer writes into buffers that are not yet zero
+
+    def takes(self, rows: int, features: int, dtype: torch.dtype) -> bool:
+        numel = rows * features
+        return (dtype == self.dtype and self.min_numel <= numel <= self.max_numel and rows >= self.chunks
+                and not torch.cuda.is_current_stream_capturing())
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x W^T, the peer's x W^T) for x [rows, in] and weight [out, in] (`takes` must hold): their sum
+        is the all-reduce. The peer's part lives in a receive buffer that the call after next reuses,
+        so the caller adds it before its next row-parallel layer (in the norm that follows)."""
+        rows = x.shape[0]
+        out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
+        self.calls += 1
+        slot = self.calls % 2
+        value = (self.calls - 1) % (2**31 - 1) + 1  # never 0, the flags' initial value
+        to_peer = self.peer_receive[slot, : out.numel()].view(out.shape)
+        main = torch.cuda.current_stream()
+        for i in range(self.chunks):
+            lo, hi = rows * i // self.chunks, rows * (i + 1) // self.chunks
+            torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                to_peer[lo:hi].copy_(out[lo:hi], non_blocking=True)
+        self.ops.write(self.stream, self.peer_flag_ptrs[slot], value)
+        self.ops.wait(main, self.own_flag_ptrs[slot], value)
+        main.wait_stream(self.stream)  # `out` is read by the copies: it must outlive them
+        received = self.receive.view(2, self.max_numel)[slot, : out.numel()]
+        return out, received.view(out.shape)
