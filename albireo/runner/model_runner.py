@@ -156,6 +156,7 @@ class ModelRunner:
         self.batch.block_table[rows, :blocks_per_seq] = np.arange(rows.size * blocks_per_seq).reshape(rows.size, -1)
         meta = self._stage(rows, np.zeros_like(counts), counts, [])
         hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
+        self._inputs_read()  # the next staging waits for this forward to have read its inputs
         if kernels.fused_on(hidden):
             # The mixed attention kernel compiles one variant per power of two of a step's longest
             # query, up to its tile: a short prefill chunk must not be the first to need one.
@@ -165,6 +166,7 @@ class ModelRunner:
                 one = np.array([length], dtype=counts.dtype)
                 self.model(self.input_ids[:length], self.positions[:length],
                            self._stage(rows[:1], np.zeros_like(one), one, []))
+                self._inputs_read()
         logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
         torch.softmax(logits.float(), dim=-1).sort(dim=-1)  # the sampler's filtering path, in float32
         if kernels.fused_on(logits):
