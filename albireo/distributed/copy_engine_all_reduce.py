@@ -2,7 +2,7 @@
 
 A 16k-token prefill step of an 8B model at TP=2 sums 64 tensors of 128 MiB across the two GPUs.
 NCCL moved them at ~276 GB/s with kernels that hold SMs, so they hardly overlapped the matmuls
-around them (37 of a 222 ms step on two H200s; bench/prefill_allreduce.py). Here a row-parallel
+around them (37 of a 222 ms step on two H200s; bench/row_parallel_allreduce.py). Here a row-parallel
 layer runs its matmul in row chunks, and as each chunk lands a DMA copy on a stream of its own
 sends it into the peer's receive buffer over NVLink while the next chunk multiplies: the copy
 engines move the bytes, no SM does. After the last chunk each rank raises a flag in the peer's
@@ -15,11 +15,14 @@ an all-gather send, with one handshake instead of two; at more ranks a whole cop
 send more than a ring, so this path is for pairs. a + b rounds the same on both ranks, so both
 hold the same sum.
 
-The receive buffer and the flag alternate between two slots by call parity. A rank sends call
-e + 2 only after its matmul of call e + 2, which follows its wait for the peer's flag of call
-e + 1, which the peer raised after it had sent call e + 1, which it did after it had added call
-e's slot: so a slot is never overwritten while its reader still needs it, and the flag value of a
-slot only goes up by two between the waits on it.
+The receive buffer and the flag alternate between two slots by call parity. A peer raises a slot's
+flag (writes 1) after its copies; the rank waits for 1 and lowers it (writes 0) before it reads
+the slot. A rank sends call e + 2 only after its matmul of call e + 2, which follows its wait on
+the peer's flag of call e + 1, which the peer raised after it had sent call e + 1, which it did
+after it had read (and lowered) call e's slot: so a slot is never overwritten while its reader
+still needs it, nor raised again before it was lowered. The values are constants and the slot of
+a call is fixed when it is recorded, so a CUDA graph replays the handshake as it was captured:
+every forward makes an even number of calls (two per layer), so each starts at slot 0.
 """
 
 from __future__ import annotations
@@ -98,8 +101,7 @@ class CopyEngineAllReduce:
 
     def takes(self, rows: int, features: int, dtype: torch.dtype) -> bool:
         numel = rows * features
-        return (dtype == self.dtype and self.min_numel <= numel <= self.max_numel and rows >= self.chunks
-                and not torch.cuda.is_current_stream_capturing())
+        return dtype == self.dtype and self.min_numel <= numel <= self.max_numel and rows >= self.chunks
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x W^T, the peer's x W^T) for x [rows, in] and weight [out, in] (`takes` must hold): their sum
@@ -107,9 +109,8 @@ class CopyEngineAllReduce:
         so the caller adds it before its next row-parallel layer (in the norm that follows)."""
         rows = x.shape[0]
         out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
-        self.calls += 1
         slot = self.calls % 2
-        value = (self.calls - 1) % (2**31 - 1) + 1  # never 0, the flags' initial value
+        self.calls += 1
         to_peer = self.peer_receive[slot, : out.numel()].view(out.shape)
         main = torch.cuda.current_stream()
         for i in range(self.chunks):
@@ -118,8 +119,9 @@ class CopyEngineAllReduce:
             self.stream.wait_stream(main)
             with torch.cuda.stream(self.stream):
                 to_peer[lo:hi].copy_(out[lo:hi], non_blocking=True)
-        self.ops.write(self.stream, self.peer_flag_ptrs[slot], value)
-        self.ops.wait(main, self.own_flag_ptrs[slot], value)
+        self.ops.write(self.stream, self.peer_flag_ptrs[slot], 1)
+        self.ops.wait(main, self.own_flag_ptrs[slot], 1)
+        self.ops.write(main, self.own_flag_ptrs[slot], 0)
         main.wait_stream(self.stream)  # `out` is read by the copies: it must outlive them
         received = self.receive.view(2, self.max_numel)[slot, : out.numel()]
         return out, received.view(out.shape)

@@ -1,0 +1,166 @@
+"""What a row-parallel layer and its all-reduce cost at TP=2, on NCCL, the one-shot push kernel or
+the copy engines (albireo/distributed/copy_engine_all_reduce.py), for prefill and decode sizes.
+
+Prefill (eager, as the engine runs it): a 16k-token step of an 8B model all-reduces 64 tensors of
+16384 x 4096 bf16 (128 MiB); through NCCL they took 37 of the step's ~222 ms on two H200s. For each
+row count this times the matmul alone (down_proj's shape), NCCL's all-reduce alone, the two in
+turn, the matmul in row chunks with NCCL all-reducing each chunk while the next multiplies, and
+`CopyEngineAllReduce.linear` at several chunk counts, alone (the engine adds the peer's part in
+the norm after it) and with the add, checked against NCCL's sum. Run it under NCCL_* settings to
+compare them: NCCL ran at 274-283 GB/s whatever its protocol or channels
+(nccl-prefill-allreduce-h200x2-ad9cfcd.txt).
+
+Decode (in CUDA graphs, as the engine replays them): the engine's RowParallelLinear with its
+residual add and RMSNorm, o_proj's and down_proj's shapes, through the one-shot push kernel fused
+with the norm, or through the copy engines with the peer's part added in the norm.
+    python bench/row_parallel_allreduce.py [--rows 2048 4096 8192 16384] [--chunks 1 2 4 8]
+                                            [--decode-rows 128 256 512 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _ms(fn, iters: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _rank(rank: int, port: int, rows_list: list[int], chunk_counts: list[int], hidden: int, inner: int,
+          decode_rows: list[int]) -> None:
+    from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce
+
+    torch.cuda.set_device(rank)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
+    max_rows = max(rows_list)
+    ce = {c: CopyEngineAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16,
+                                 max_rows * hidden * 2, min_bytes=1, chunks=c) for c in chunk_counts}
+    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")) or "defaults"
+    for rows in rows_list:
+        torch.manual_seed(rank * 1000 + rows)
+        x = torch.randn(rows, inner, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(hidden, inner, device="cuda", dtype=torch.bfloat16) / inner**0.5
+        y = torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16)
+
+        def matmul() -> None:
+            torch.matmul(x, w.t(), out=y)
+
+        def all_reduce() -> None:
+            dist.all_reduce(y)
+
+        def serial() -> None:
+            matmul()
+            all_reduce()
+
+        def nccl_chunked(chunks: int = 4) -> None:
+            pending = []
+            for i in range(chunks):
+                lo, hi = rows * i // chunks, rows * (i + 1) // chunks
+                torch.matmul(x[lo:hi], w.t(), out=y[lo:hi])
+                pending.append(dist.all_reduce(y[lo:hi], async_op=True))
+            for work in pending:
+                work.wait()
+
+        times = {"matmul": _ms(matmul), "nccl": _ms(all_reduce), "matmul+nccl": _ms(serial),
+                 "nccl 4 chunks": _ms(nccl_chunked)}
+        serial()
+        expected = y.clone()
+        worst = 0.0
+        for c, op in ce.items():
+            times[f"ce {c} chunks"] = _ms(lambda: op.linear(x, w))
+            times[f"ce {c} chunks + add"] = _ms(lambda: torch.add(*op.linear(x, w)))
+            worst = max(worst, (torch.add(*op.linear(x, w)) - expected).abs().max().item())
+        if rank == 0:
+            gbps = rows * hidden * 2 / times["nccl"] / 1e6
+            line = ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+            print(f"[{settings}] rows {rows} ({rows * hidden * 2 / 2**20:.0f} MiB, NCCL {gbps:.0f} GB/s) ms: {line}; "
+                  f"copy-engine sum vs NCCL max |diff| {worst:g}", flush=True)
+    _decode_table(rank, decode_rows, chunk_counts, hidden)
+    dist.destroy_process_group()
+
+
+def _graph_us(fn, repeats: int = 8, iters: int = 20) -> float:
+    """Microseconds per call of fn, `repeats` calls captured in one CUDA graph, replayed."""
+    fn()
+    fn()  # an even number of calls before the capture, as the copy-engine slots need
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters / repeats
+
+
+def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidden: int) -> None:
+    from albireo.distributed import parallel_state as ps
+    from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce
+    from albireo.layers.linear import RowParallelLinear
+    from albireo.layers.norm import RMSNorm
+
+    device = torch.device("cuda", rank)
+    ps.set_tensor_parallel_group(dist.group.WORLD)
+    ps.enable_symm_all_reduce(device, torch.bfloat16)
+    norm = RMSNorm(hidden, 1e-5).to(device, torch.bfloat16)
+    for rows in rows_list:
+        times = {}
+        for name, inner in (("o_proj", 2048), ("down_proj", 7168)):
+            layer = RowParallelLinear(2 * inner, hidden).to(device, torch.bfloat16)
+            layer.weight.data.normal_(0, 0.02)
+            x = torch.randn(rows, inner, device=device, dtype=torch.bfloat16)
+            residual = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
+
+            def step() -> None:
+                layer(x, residual=residual, norm=norm)
+
+            ps._copy_engine_all_reduce = None
+            times[f"{name} push"] = _graph_us(step)
+            for c in chunk_counts:
+                if rows >= c:
+                    ps._copy_engine_all_reduce = CopyEngineAllReduce(ps.tp_group(), device, torch.bfloat16,
+                                                                     rows * hidden * 2, min_bytes=1, chunks=c)
+                    times[f"{name} ce {c}"] = _graph_us(step)
+            ps._copy_engine_all_reduce = None
+        if rank == 0:
+            line = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+            print(f"decode rows {rows} (graphs, us per layer with its norm): {line}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    p.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--inner", type=int, default=7168, help="down_proj's input features per rank at TP=2")
+    p.add_argument("--decode-rows", type=int, nargs="*", default=[128, 256, 512, 1024])
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, args.rows, args.chunks, args.hidden, args.inner, args.decode_rows), nprocs=2)
+
+
+if __name__ == "__main__":
+    main()
