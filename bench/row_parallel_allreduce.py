@@ -5,7 +5,8 @@ Prefill (eager, as the engine runs it): a 16k-token step of an 8B model all-redu
 16384 x 4096 bf16 (128 MiB); through NCCL they took 37 of the step's ~222 ms on two H200s. For each
 row count this times the matmul alone (down_proj's shape), NCCL's all-reduce alone, the two in
 turn, the matmul in row chunks with NCCL all-reducing each chunk while the next multiplies, and
-`CopyEngineAllReduce.linear` at several chunk counts, alone (the engine adds the peer's part in
+`CopyEngineAllReduce.linear` at several chunk counts (even chunks, then the engine's halving
+ones), alone (the engine adds the peer's part in
 the norm after it) and with the add, checked against NCCL's sum. Run it under NCCL_* settings to
 compare them: NCCL ran at 274-283 GB/s whatever its protocol or channels
 (nccl-prefill-allreduce-h200x2-ad9cfcd.txt).
@@ -42,13 +43,13 @@ def _ms(fn, iters: int = 10) -> float:
 
 def _rank(rank: int, port: int, rows_list: list[int], chunk_counts: list[int], hidden: int, inner: int,
           decode_rows: list[int]) -> None:
-    from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce
+    from albireo.distributed import copy_engine_all_reduce as cear
 
     torch.cuda.set_device(rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
     max_rows = max(rows_list)
-    ce = {c: CopyEngineAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16,
+    ce = {c: cear.CopyEngineAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16,
                                  max_rows * hidden * 2, min_bytes=1, chunks=c) for c in chunk_counts}
     settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")) or "defaults"
     for rows in rows_list:
@@ -82,6 +83,10 @@ def _rank(rank: int, port: int, rows_list: list[int], chunk_counts: list[int], h
         expected = y.clone()
         worst = 0.0
         for c, op in ce.items():
+            halving = cear.chunk_bounds
+            cear.chunk_bounds = lambda rows, chunks: [rows * i // chunks for i in range(chunks + 1)]
+            times[f"ce {c} even chunks"] = _ms(lambda: op.linear(x, w))
+            cear.chunk_bounds = halving
             times[f"ce {c} chunks"] = _ms(lambda: op.linear(x, w))
             times[f"ce {c} chunks + add"] = _ms(lambda: torch.add(*op.linear(x, w)))
             worst = max(worst, (torch.add(*op.linear(x, w)) - expected).abs().max().item())

@@ -153,6 +153,7 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
     smaller call after a larger one), then through the norm that adds the peer's part."""
     import torch.distributed as dist
 
+    from albireo.distributed.copy_engine_all_reduce import chunk_bounds
     from albireo.layers.linear import RowParallelLinear
     from albireo.layers.norm import RMSNorm
 
@@ -168,8 +169,8 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
         torch.manual_seed(rows * 10 + rank)
         x = torch.randn(rows, 512, device="cuda", dtype=dtype)
         # The layer multiplies in row chunks; cuBLAS may round a chunk differently from the whole.
-        chunks = ps._copy_engine_all_reduce.chunks
-        expected = torch.cat([x[rows * i // chunks: rows * (i + 1) // chunks] @ layer.weight.t() for i in range(chunks)])
+        bounds = chunk_bounds(rows, ps._copy_engine_all_reduce.chunks)
+        expected = torch.cat([x[lo:hi] @ layer.weight.t() for lo, hi in zip(bounds, bounds[1:])])
         dist.all_reduce(expected)
         worst = max(worst, (layer(x) - expected).abs().max().item())
         torch.manual_seed(rows)  # the residual is the same on every rank, as in the model
