@@ -81,18 +81,3 @@ def test_rank0_profiles_the_steps_asked_for_through_the_environment(tiny_model, 
         llm.engine.shutdown()
     text = table.read_text()
     assert text.startswith("rank 0, 3 steps") and "aten::" in text
-
-
-def test_worker_freezes_its_start_up_heap_and_collects_less_often():
-    import gc
-
-    from albireo.executor.worker import settle_heap
-
-    threshold = gc.get_threshold()
-    try:
-        settle_heap()
-        assert gc.get_freeze_count() > 0
-        assert gc.get_threshold()[0] >= 10_000
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*threshold)

@@ -22,11 +22,13 @@ import shutil
 import signal
 import tempfile
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import zmq
 
+from albireo import heap
 from albireo.config import EngineConfig
 from albireo.core.scheduler import EngineCoreOutput
 from albireo.engine.engine_core import EngineCore
@@ -121,6 +123,9 @@ class InprocClient:
 
     def __init__(self, config: EngineConfig) -> None:
         self.core = EngineCore(config)
+        heap.settle()
+        # Dropped without shutdown(), the frozen engine is given back to the collector all the same.
+        self._release = weakref.finalize(self, heap.release)
 
     # In-process callers (benchmarks, tests) inspect the core's parts directly.
     @property
@@ -149,6 +154,7 @@ class InprocClient:
 
     def shutdown(self) -> None:
         self.core.shutdown()
+        self._release()
 
 
 class MPClient:
@@ -271,6 +277,7 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, parent_pi
         except Exception as e:
             send(_Failed(type(e).__name__, str(e), during_startup=True))
             return
+        heap.settle()  # this process ends with its engine: nothing frozen needs collecting later
         send(_Ready())
         try:
             _busy_loop(core, inp, send, parent_pid)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections import deque
 from contextlib import nullcontext
 
@@ -31,12 +30,6 @@ class EngineCore:
         # scheduling, none in the sequential loop.
         self.in_flight: deque = deque()
         self.timeline = StepTimeline() if config.profile_steps else None
-        # A step over ~1000 running requests allocates thousands of short-lived objects: at
-        # CPython's default threshold (700) the cycle collector ran several times a step. (No
-        # gc.freeze(): an engine frozen with its own objects could never be collected, nor its
-        # GPU memory freed, if a reference cycle held it after its LLM was dropped.)
-        gen0, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(max(gen0, 10_000), gen1, gen2)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

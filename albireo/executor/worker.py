@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import threading
@@ -13,7 +12,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from albireo import kernels
+from albireo import heap, kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
 from albireo.distributed.parallel_state import (
@@ -123,7 +122,7 @@ def run_worker(
                 conn.send(("ok", worker.available_kv_blocks()))
             elif command == INIT_KV_CACHE:
                 conn.send(("ok", worker.init_kv_cache(int.from_bytes(payload, "little"))))
-                settle_heap()
+                heap.settle()  # a worker ends with its engine: nothing frozen needs collecting later
             elif command == SHUTDOWN:
                 break
     except (EOFError, KeyboardInterrupt):
@@ -134,21 +133,6 @@ def run_worker(
         if commands is not None:
             commands.close()
         shutdown_distributed()
-
-
-def settle_heap() -> None:
-    """Take what start-up built (the model, compiled kernels, CUDA graphs) out of the cycle
-    collector's sight, and let it run less often.
-
-    Left in the oldest generation, those objects were walked by every full collection, which held
-    up the rank collecting and with it every rank: W2 at TP=2 on two H200s had GPU idles of 92 and
-    107 ms mid-run; with the heap frozen the run's largest idle after its first step is 12 ms. A
-    worker process ends with its engine, so nothing frozen needs collecting later.
-    """
-    gc.collect()
-    gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, 10_000), gen1, gen2)
 
 
 def _exit_with_parent() -> None:
