@@ -1,30 +1,29 @@
-"""The cycle collector around an engine: what start-up built is taken out of its sight.
+"""How an engine's processes tune the cycle collector.
 
-A full collection walks every container object the process holds. After start-up that is ~320k
-objects (torch, transformers, the modules imported while the model loads, the model itself),
-most of which live as long as the process: walking them took ~175 ms on a 2-core CPU, and on the
-GPU machines W5's engine stalled for 10-30 ms every ~150 decode steps, the GPU idle meanwhile.
-Frozen, they are skipped; refcounting still frees any of them that is dropped.
+A step over ~1000 running requests allocates thousands of short-lived objects: at CPython's
+default threshold (700) the collector ran several times a step, so every engine process lets the
+youngest generation grow to 10,000 first. A process that ends with its engine (a TP worker, the
+server's engine-core process) also freezes what start-up built: full collections walked it all
+(~320k objects after start-up, 175 ms on a 2-core CPU), and in a TP worker such a collection held
+up every rank (W2 at TP=2 on two H200s: GPU idles of 92 and 107 ms, 12 ms at most once frozen).
+The offline LLM class does not freeze: its engine shares the user's process, and a frozen engine
+held in a reference cycle could never be collected, nor its GPU memory freed. (W5 on one H100
+stalled as often with its engine frozen, or with the collector off, as without: its 10-30 ms
+stalls are not the collector's.)
 """
 
 from __future__ import annotations
 
 import gc
 
-# A step over ~1000 running requests allocates thousands of short-lived objects: at CPython's
-# default threshold (700) the collector ran several times a step.
-_YOUNGEST_THRESHOLD = 10_000
+
+def collect_less_often() -> None:
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 10_000), gen1, gen2)
 
 
 def settle() -> None:
-    """Collect once, freeze what survives, and let the youngest generation grow before collecting."""
+    """For a process that ends with its engine: collect once, freeze what survives, collect less often."""
     gc.collect()
     gc.freeze()
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, _YOUNGEST_THRESHOLD), gen1, gen2)
-
-
-def release() -> None:
-    """Give the frozen objects back to the collector: an engine that ends in a process that goes on
-    (the offline LLM class) may hold reference cycles, and its GPU memory, that only it can free."""
-    gc.unfreeze()
+    collect_less_often()

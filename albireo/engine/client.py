@@ -22,7 +22,6 @@ import shutil
 import signal
 import tempfile
 import traceback
-import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -123,9 +122,6 @@ class InprocClient:
 
     def __init__(self, config: EngineConfig) -> None:
         self.core = EngineCore(config)
-        heap.settle()
-        # Dropped without shutdown(), the frozen engine is given back to the collector all the same.
-        self._release = weakref.finalize(self, heap.release)
 
     # In-process callers (benchmarks, tests) inspect the core's parts directly.
     @property
@@ -154,7 +150,6 @@ class InprocClient:
 
     def shutdown(self) -> None:
         self.core.shutdown()
-        self._release()
 
 
 class MPClient:

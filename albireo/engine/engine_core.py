@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from contextlib import nullcontext
 
+from albireo import heap
 from albireo.config import EngineConfig
 from albireo.core.scheduler import EngineCoreOutput, Scheduler
 from albireo.engine.request import Request
@@ -30,6 +31,7 @@ class EngineCore:
         # scheduling, none in the sequential loop.
         self.in_flight: deque = deque()
         self.timeline = StepTimeline() if config.profile_steps else None
+        heap.collect_less_often()
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
