@@ -29,6 +29,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+CALLS = 8  # row-parallel layers per captured decode graph
+
+
 def _ms(fn, iters: int = 10) -> float:
     fn()
     torch.cuda.synchronize()
@@ -99,27 +102,8 @@ def _rank(rank: int, port: int, rows_list: list[int], chunk_counts: list[int], h
     dist.destroy_process_group()
 
 
-def _graph_us(fn, repeats: int = 8, iters: int = 20) -> float:
-    """Microseconds per call of fn, `repeats` calls captured in one CUDA graph, replayed."""
-    fn()
-    fn()  # an even number of calls before the capture, as the copy-engine slots need
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters / repeats
-
-
 def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidden: int) -> None:
+    from albireo.bench.record import graph_us
     from albireo.distributed import parallel_state as ps
     from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce
     from albireo.layers.linear import RowParallelLinear
@@ -137,16 +121,17 @@ def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidd
             x = torch.randn(rows, inner, device=device, dtype=torch.bfloat16)
             residual = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
 
-            def step() -> None:
-                layer(x, residual=residual, norm=norm)
+            def step() -> None:  # an even number of layers, as a forward makes (the copy-engine slots)
+                for _ in range(CALLS):
+                    layer(x, residual=residual, norm=norm)
 
             ps._copy_engine_all_reduce = None
-            times[f"{name} push"] = _graph_us(step)
+            times[f"{name} push"] = graph_us(step, CALLS)
             for c in chunk_counts:
                 if rows >= c:
                     ps._copy_engine_all_reduce = CopyEngineAllReduce(ps.tp_group(), device, torch.bfloat16,
                                                                      rows * hidden * 2, min_bytes=1, chunks=c)
-                    times[f"{name} ce {c}"] = _graph_us(step)
+                    times[f"{name} ce {c}"] = graph_us(step, CALLS)
             ps._copy_engine_all_reduce = None
         if rank == 0:
             line = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
