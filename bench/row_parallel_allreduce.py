@@ -53,7 +53,7 @@ def _rank(rank: int, port: int, rows_list: list[int], chunk_counts: list[int], h
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
     max_rows = max(rows_list)
     ce = {c: cear.CopyEngineAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16,
-                                 max_rows * hidden * 2, min_bytes=1, chunks=c) for c in chunk_counts}
+                                 max_rows * hidden * 2, above_bytes=0, chunks=c) for c in chunk_counts}
     settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")) or "defaults"
     for rows in rows_list:
         torch.manual_seed(rank * 1000 + rows)
@@ -130,7 +130,7 @@ def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidd
             for c in chunk_counts:
                 if rows >= c:
                     ps._copy_engine_all_reduce = CopyEngineAllReduce(ps.tp_group(), device, torch.bfloat16,
-                                                                     rows * hidden * 2, min_bytes=1, chunks=c)
+                                                                     rows * hidden * 2, above_bytes=0, chunks=c)
                     times[f"{name} ce {c}"] = graph_us(step, CALLS)
             ps._copy_engine_all_reduce = None
         if rank == 0:

@@ -33,10 +33,10 @@ import os
 import torch
 import torch.distributed as dist
 
-# Below this many bytes the one-shot push kernel (symm_all_reduce.py) or NCCL is as fast: the
-# copies' fixed costs dominate. ALBIREO_CE_ALL_REDUCE_MIN_BYTES moves it (tests send tiny models
-# through this path).
-MIN_BYTES = int(os.environ.get("ALBIREO_CE_ALL_REDUCE_MIN_BYTES", 8 * 2**20))
+# Up to this many bytes the one-shot push kernel (symm_all_reduce.py) takes the all-reduce: the
+# copies' fixed costs lost to it in decode graphs up to 512 rows of 4096 and tied at 1024 (8 MiB).
+# ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES moves it (tests send tiny models through this path with 0).
+ABOVE_BYTES = int(os.environ.get("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", 8 * 2**20))
 CHUNKS = 4
 
 _WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
@@ -80,13 +80,13 @@ def chunk_bounds(rows: int, chunks: int) -> list[int]:
 
 class CopyEngineAllReduce:
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int,
-                 min_bytes: int = MIN_BYTES, chunks: int = CHUNKS) -> None:
+                 above_bytes: int = ABOVE_BYTES, chunks: int = CHUNKS) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         if dist.get_world_size(group) != 2:
             raise ValueError("the copy-engine all-reduce is for two ranks")
         self.dtype = dtype
-        self.min_numel = max(min_bytes // dtype.itemsize, 1)
+        self.above_numel = above_bytes // dtype.itemsize
         self.max_numel = max_bytes // dtype.itemsize
         self.chunks = chunks
         self.rank = dist.get_rank(group)
@@ -109,7 +109,7 @@ class CopyEngineAllReduce:
 
     def takes(self, rows: int, features: int, dtype: torch.dtype) -> bool:
         numel = rows * features
-        return dtype == self.dtype and self.min_numel <= numel <= self.max_numel and rows >= self.chunks
+        return dtype == self.dtype and self.above_numel < numel <= self.max_numel and rows >= self.chunks
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x W^T, the peer's x W^T) for x [rows, in] and weight [out, in] (`takes` must hold): their sum

@@ -233,11 +233,12 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
 
 
 def test_tp2_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_model, monkeypatch):
-    """The tiny model's activations are far below the copy-engine path's size: lower it to one byte
-    (the workers read it when they start) so that every prefill layer takes it."""
+    """The tiny model's activations are far below the copy-engine path's size: lower it to zero bytes
+    (the workers read it when they start) so that every prefill layer takes it, and every decode
+    layer of four rows or more, in CUDA graphs."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_MIN_BYTES", "1")
+    monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", "0")
     path = tiny_model("qwen3")
     prompts = random_prompts(9, seed=12)
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)

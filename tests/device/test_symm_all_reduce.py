@@ -160,7 +160,7 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
     ps = _join(rank, world, port, dtype)
     assert ps._copy_engine_all_reduce is None, "enabled without a largest activation size"
     ps._copy_engine_all_reduce = ps.CopyEngineAllReduce(ps.tp_group(), torch.device("cuda", rank), dtype,
-                                                        4096 * 1024 * dtype.itemsize, min_bytes=1)
+                                                        4096 * 1024 * dtype.itemsize, above_bytes=0)
     layer = RowParallelLinear(2 * 512, 1024).to("cuda", dtype)
     layer.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(rank))
     norm = RMSNorm(1024, 1e-5).to("cuda", dtype)
