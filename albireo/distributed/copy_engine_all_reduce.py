@@ -89,8 +89,8 @@ class CopyEngineAllReduce:
         self.above_numel = above_bytes // dtype.itemsize
         self.max_numel = max_bytes // dtype.itemsize
         self.chunks = chunks
-        self.rank = dist.get_rank(group)
-        peer = 1 - self.rank
+        rank = dist.get_rank(group)
+        peer = 1 - rank
         self.ops = _StreamMemOps()
         self.stream = torch.cuda.Stream(device)
 
@@ -102,7 +102,7 @@ class CopyEngineAllReduce:
         self.flags.zero_()
         torch.cuda.synchronize(device)
         flags = symm_mem.rendezvous(self.flags, group)
-        self.own_flag_ptrs = [flags.buffer_ptrs[self.rank] + 4 * slot for slot in range(2)]
+        self.own_flag_ptrs = [flags.buffer_ptrs[rank] + 4 * slot for slot in range(2)]
         self.peer_flag_ptrs = [flags.buffer_ptrs[peer] + 4 * slot for slot in range(2)]
         self.calls = 0
         dist.barrier(group)  # no peer writes into buffers that are not yet zero

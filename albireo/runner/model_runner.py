@@ -155,8 +155,7 @@ class ModelRunner:
         rows = np.arange(len(counts))
         self.batch.block_table[rows, :blocks_per_seq] = np.arange(rows.size * blocks_per_seq).reshape(rows.size, -1)
         meta = self._stage(rows, np.zeros_like(counts), counts, [])
-        hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
-        self._inputs_read()  # the next staging waits for this forward to have read its inputs
+        hidden = self._forward(n, meta)
         if kernels.fused_on(hidden):
             # The mixed attention kernel compiles one variant per power of two of a step's longest
             # query, up to its tile: a short prefill chunk must not be the first to need one.
@@ -164,9 +163,7 @@ class ModelRunner:
 
             for length in (2**k for k in range(1, PREFILL_ROWS.bit_length()) if 2**k <= counts[0]):
                 one = np.array([length], dtype=counts.dtype)
-                self.model(self.input_ids[:length], self.positions[:length],
-                           self._stage(rows[:1], np.zeros_like(one), one, []))
-                self._inputs_read()
+                self._forward(length, self._stage(rows[:1], np.zeros_like(one), one, []))
         logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
         torch.softmax(logits.float(), dim=-1).sort(dim=-1)  # the sampler's filtering path, in float32
         if kernels.fused_on(logits):
@@ -378,8 +375,7 @@ class ModelRunner:
             if load_step is not None:
                 meta.before_attention = load_step.wait_for_layer
             forward_start = self._mark() if timed else None
-            hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
-            self._inputs_read()
+            hidden = self._forward(n, meta)
             if timed:
                 self.load_steps.append((load_step, forward_start, self._mark()))
             if not samples:
@@ -406,6 +402,12 @@ class ModelRunner:
         handle = self._send_home(out, sampled_ids, sampling_states)
         handle.marks = marks
         return handle
+
+    def _forward(self, n: int, meta: AttentionMetadata) -> torch.Tensor:
+        """The eager forward of the n staged tokens; the next staging waits for it to read them."""
+        hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
+        self._inputs_read()
+        return hidden
 
     def _inputs_read(self) -> None:
         """Mark the forward just launched as the last reader of the device input buffers."""
