@@ -11,6 +11,7 @@ writes a record.
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -51,13 +52,18 @@ def ms_per_step(n: int, model_dir: str, prompt_len: int, warmup: int, steps: int
         llm.engine.step()
     timeline = llm.engine.core.timeline
     timeline.reset()
-    start = time.perf_counter()
+    walls = []
     for _ in range(steps):
+        start = time.perf_counter()
         llm.engine.step()
-    wall = (time.perf_counter() - start) / steps * 1e3
+        walls.append((time.perf_counter() - start) * 1e3)
     phases = timeline.summary().phases_ms
     llm.engine.shutdown()
-    return {"ms_per_step": wall, **{f"{k}_ms": phases[k] for k in ("schedule", "launch", "wait", "update")}}
+    # The slowest steps show stalls (W5 on the GPU machine had host phases 5-10x their median for a
+    # few steps at a time): are they in this loop, or only where a GPU runs it?
+    return {"ms_per_step": statistics.fmean(walls), "median_ms": statistics.median(walls), "max_ms": max(walls),
+            "steps_over_2x_median": sum(w > 2 * statistics.median(walls) for w in walls),
+            **{f"{k}_ms": phases[k] for k in ("schedule", "launch", "wait", "update")}}
 
 
 def main() -> None:
@@ -75,7 +81,8 @@ def main() -> None:
     for n in args.sizes:
         results[n] = r = ms_per_step(n, model_dir, args.prompt_len, args.warmup, args.steps)
         print(f"{n:5d} running requests: {r['ms_per_step']:.2f} ms per step (schedule {r['schedule_ms']:.2f}, "
-              f"launch {r['launch_ms']:.2f}, wait {r['wait_ms']:.2f}, update {r['update_ms']:.2f})")
+              f"launch {r['launch_ms']:.2f}, wait {r['wait_ms']:.2f}, update {r['update_ms']:.2f}); median "
+              f"{r['median_ms']:.2f}, max {r['max_ms']:.2f}, {r['steps_over_2x_median']} steps over twice the median")
     if args.out:
         record = {"workload": "host-step", "model": "stub", "prompt_len": args.prompt_len, "by_size": results}
         print(f"record: {write_record(record, args.out)}")

@@ -70,6 +70,21 @@ def test_generate_names_the_bad_prompt(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_bad_prompt_after_the_first_step_began_leaves_nothing_running(llama_path):
+    # The first step is launched once one step's worth of prompts (16 tokens here) is queued; the
+    # bad prompt is checked after that and must still name itself and take the good ones down.
+    llm = LLM(llama_path, max_model_len=MAX_LEN, num_kv_blocks=64, max_num_batched_tokens=16)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(ValueError, match=r"prompts\[3\].*100 tokens"):
+        llm.generate([ids(10, seed=1), ids(10, seed=2), ids(10, seed=3), ids(100)], greedy, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert not llm.engine.core.scheduler.has_unfinished_requests()
+    # The engine still serves, with the tokens a fresh engine gives.
+    again = llm.generate([ids(10, seed=1)], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    fresh = LLM(llama_path, max_model_len=MAX_LEN, num_kv_blocks=64).generate([ids(10, seed=1)], greedy, use_tqdm=False)
+    assert again == fresh[0].outputs[0].token_ids
+
+
 def test_max_tokens_that_cannot_fit(llm):
     with pytest.raises(ValueError) as e:
         llm.generate(ids(50), SamplingParams(max_tokens=20), use_tqdm=False)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -34,7 +35,10 @@ class LLM:
     ) -> list[RequestOutput]:
         """Complete each prompt (text or token ids); outputs come back in the order of the prompts.
 
-        Every prompt is validated before any runs: a bad one raises ValueError naming its index.
+        A bad prompt raises ValueError naming its index, and no request of the call is left running.
+        The prompts are checked and queued as the GPU goes: once the first step's worth is queued
+        that step is launched, and the rest are checked and queued while it runs (with 1000 prompts
+        of 1024 tokens, checking and queueing them all first kept the GPU idle ~0.1 s).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -45,17 +49,23 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling_params")
         engine = self.engine
-        checked = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            try:
-                checked.append(engine.check(prompt, p, add_special_tokens))
-            except ValueError as e:
-                raise ValueError(f"prompts[{i}]: {e}") from None
-        ids = []
-        for prompt, p, (prompt_ids, max_tokens) in zip(prompts, params, checked):
-            ids.append(engine.new_request_id())
-            engine.enqueue(ids[-1], prompt, prompt_ids, max_tokens, p)
-        return self._run(ids, use_tqdm)
+        request_ids = [engine.new_request_id() for _ in prompts]
+        queue = iter(enumerate(zip(request_ids, prompts, params)))
+
+        def enqueue(token_budget: float) -> None:
+            """Check and queue prompts until `token_budget` prompt tokens are queued or none are left."""
+            queued = 0
+            for i, (request_id, prompt, p) in queue:
+                try:
+                    prompt_ids, max_tokens = engine.check(prompt, p, add_special_tokens)
+                except ValueError as e:
+                    raise ValueError(f"prompts[{i}]: {e}") from None
+                engine.enqueue(request_id, prompt, prompt_ids, max_tokens, p)
+                queued += len(prompt_ids)
+                if queued >= token_budget:
+                    return
+
+        return self._run(request_ids, enqueue, use_tqdm)
 
     def chat(
         self,
@@ -83,13 +93,20 @@ class LLM:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
         )
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], enqueue: Callable[[float], None], use_tqdm: bool) -> list[RequestOutput]:
+        """Run until every request is done; enqueue(token_budget) queues the call's next prompts."""
         results: dict[str, RequestOutput] = {}
         pending = set(request_ids)
         bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm)
         try:
+            enqueue(self.engine.config.scheduler.max_num_batched_tokens)
+            first = True
             while pending:
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                if first:  # the GPU runs the first step meanwhile
+                    enqueue(math.inf)
+                    first = False
+                for out in outputs:
                     if out.finished and out.request_id in pending:
                         results[out.request_id] = out
                         pending.discard(out.request_id)

@@ -4,9 +4,10 @@ buffer and sums what lands in its own (the Lamport scheme, as TensorRT-LLM's sma
 Each rank owns an exchange buffer mapped into every peer's address space (torch symmetric memory,
 CUDA IPC): ROUNDS rounds x world slots x `slot_numel` elements. Empty elements hold -0.0. In a call,
 rank r writes its partial sums (any -0.0 turned into +0.0, which sums the same) into slot r of the
-current round in every rank's buffer, then polls its own buffer's slots until no element is -0.0
-any more, adds them in rank order and writes -0.0 back behind it. Since each element is written once
-per round, "not -0.0" means "this peer's value arrived": no flags, no barrier, one launch.
+current round in every peer's buffer, then polls its own buffer's slots of the peers until no
+element is -0.0 any more, adds them and its own partial sums (read in place) in rank order and
+writes -0.0 back behind it. Since each element is written once per round, "not -0.0" means "this
+peer's value arrived": no flags, no barrier, one launch.
 
 The round lives in device memory (a counter the call's last program advances), not in Python, so a
 CUDA graph replays the right round whatever number of calls it captured. Reusing a round's buffer
@@ -79,21 +80,25 @@ def _push_all_reduce_kernel(
         x = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
         x = tl.where(_empty(x, WIDE), 0.0, x).to(dtype)
         for peer in tl.static_range(WORLD):
-            # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
-            buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
-            tl.store(buffer + round_base + RANK * slot_numel + at, x, mask=mask)
+            if peer != RANK:
+                # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
+                buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
+                tl.store(buffer + round_base + RANK * slot_numel + at, x, mask=mask)
 
     own = tl.multiple_of(tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype)), 16)
     for row in range(first, rows, step):
         at = row * N  # < slot_numel: fits int32
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for src in tl.static_range(WORLD):
-            slot = own + round_base + src * slot_numel + at
-            v = tl.load(slot, mask=mask, other=0.0, volatile=True)
-            while tl.max((_empty(v, WIDE) & mask).to(tl.int32), axis=0) > 0:
+            if src == RANK:  # this rank's own part is read where it is, never copied into a slot
+                v = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+            else:
+                slot = own + round_base + src * slot_numel + at
                 v = tl.load(slot, mask=mask, other=0.0, volatile=True)
+                while tl.max((_empty(v, WIDE) & mask).to(tl.int32), axis=0) > 0:
+                    v = tl.load(slot, mask=mask, other=0.0, volatile=True)
+                tl.store(slot, empty, mask=mask)
             total += v.to(tl.float32)
-            tl.store(slot, empty, mask=mask)
         s = total.to(dtype)
         if HAS_NORM:
             r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
