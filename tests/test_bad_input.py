@@ -70,13 +70,13 @@ def test_generate_names_the_bad_prompt(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_a_bad_prompt_after_the_first_step_began_leaves_nothing_running(llama_path):
-    # The first step is launched once one step's worth of prompts (16 tokens here) is queued; the
-    # bad prompt is checked after that and must still name itself and take the good ones down.
+def test_a_bad_prompt_after_the_first_steps_began_leaves_nothing_running(llama_path):
+    # Prompts are queued two steps' worth (here 2 x 16 tokens) before each step, so the bad prompt
+    # is checked after two steps were launched; it must still name itself and take the rest down.
     llm = LLM(llama_path, max_model_len=MAX_LEN, num_kv_blocks=64, max_num_batched_tokens=16)
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    with pytest.raises(ValueError, match=r"prompts\[3\].*100 tokens"):
-        llm.generate([ids(10, seed=1), ids(10, seed=2), ids(10, seed=3), ids(100)], greedy, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompts\[8\].*100 tokens"):
+        llm.generate([ids(10, seed=s) for s in range(8)] + [ids(100)], greedy, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert not llm.engine.core.scheduler.has_unfinished_requests()
     # The engine still serves, with the tokens a fresh engine gives.

@@ -152,3 +152,36 @@ def test_host_kv_tier_gives_same_tokens_with_blocks_cycling_through_it(tiny_mode
     if tp == 1:
         stats = llm.engine.core.executor.worker.runner.offload.stats
         assert stats.blocks_saved > 0 and stats.blocks_loaded == llm.engine.core.scheduler.kv.num_host_hits // 16
+
+
+def _recorded_plans(llm: LLM) -> list[list[int]]:
+    """Each step's scheduled token counts, in plan order, from here on."""
+    plans, scheduler = [], llm.engine.core.scheduler
+    schedule = scheduler.schedule
+
+    def recording():
+        plan = schedule()
+        plans.append(list(plan.num_scheduled_tokens.values()))
+        return plan
+
+    scheduler.schedule = recording
+    return plans
+
+
+def test_generate_queueing_prompts_as_steps_run_plans_the_steps_of_queueing_all_first(tiny_model):
+    # generate() checks and queues its prompts two steps' worth at a time while steps run.
+    prompts = random_prompts(12, seed=3, min_len=5, max_len=40)
+    args = dict(max_num_batched_tokens=32, max_num_seqs=4, enable_prefix_caching=False)
+    fed = LLM(tiny_model("llama"), **args)
+    fed_plans = _recorded_plans(fed)
+    fed_tokens = [o.outputs[0].token_ids for o in fed.generate(prompts, GREEDY, use_tqdm=False)]
+
+    upfront = LLM(tiny_model("llama"), **args)
+    upfront_plans = _recorded_plans(upfront)
+    for i, p in enumerate(prompts):
+        upfront.engine.add_request(str(i), p, GREEDY)
+    done = {}
+    while upfront.engine.has_unfinished_requests():
+        done.update((o.request_id, o.outputs[0].token_ids) for o in upfront.engine.step() if o.finished)
+    assert fed_plans == upfront_plans and len(fed_plans) > 10
+    assert fed_tokens == [done[str(i)] for i in range(len(prompts))]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
@@ -36,9 +35,10 @@ class LLM:
         """Complete each prompt (text or token ids); outputs come back in the order of the prompts.
 
         A bad prompt raises ValueError naming its index, and no request of the call is left running.
-        The prompts are checked and queued as the GPU goes: once the first step's worth is queued
-        that step is launched, and the rest are checked and queued while it runs (with 1000 prompts
-        of 1024 tokens, checking and queueing them all first kept the GPU idle ~0.1 s).
+        The prompts are checked and queued as the GPU goes, two steps' worth before each step: with
+        1000 prompts of 1024 tokens, checking and queueing them all first kept the GPU idle 0.1 s.
+        A step takes at most one step's worth (max_num_batched_tokens, max_num_seqs), so the scheduler
+        always finds at least that many waiting and plans the steps it would with all of them queued.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -51,18 +51,20 @@ class LLM:
         engine = self.engine
         request_ids = [engine.new_request_id() for _ in prompts]
         queue = iter(enumerate(zip(request_ids, prompts, params)))
+        step_tokens, step_prompts = engine.config.scheduler.max_num_batched_tokens, engine.config.scheduler.max_num_seqs
 
-        def enqueue(token_budget: float) -> None:
-            """Check and queue prompts until `token_budget` prompt tokens are queued or none are left."""
-            queued = 0
+        def enqueue() -> None:
+            """Check and queue the next prompts: twice what one step can take of them."""
+            tokens = count = 0
             for i, (request_id, prompt, p) in queue:
                 try:
                     prompt_ids, max_tokens = engine.check(prompt, p, add_special_tokens)
                 except ValueError as e:
                     raise ValueError(f"prompts[{i}]: {e}") from None
                 engine.enqueue(request_id, prompt, prompt_ids, max_tokens, p)
-                queued += len(prompt_ids)
-                if queued >= token_budget:
+                tokens += len(prompt_ids)
+                count += 1
+                if tokens >= 2 * step_tokens or count >= 2 * step_prompts:
                     return
 
         return self._run(request_ids, enqueue, use_tqdm)
@@ -93,19 +95,16 @@ class LLM:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
         )
 
-    def _run(self, request_ids: list[str], enqueue: Callable[[float], None], use_tqdm: bool) -> list[RequestOutput]:
-        """Run until every request is done; enqueue(token_budget) queues the call's next prompts."""
+    def _run(self, request_ids: list[str], enqueue: Callable[[], None], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request is done; before each step enqueue() queues more of the call's
+        prompts, while the GPU runs the step before (engine.step returns once it has launched one)."""
         results: dict[str, RequestOutput] = {}
         pending = set(request_ids)
         bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm)
         try:
-            enqueue(self.engine.config.scheduler.max_num_batched_tokens)
-            first = True
             while pending:
+                enqueue()
                 outputs = self.engine.step()
-                if first:  # the GPU runs the first step meanwhile
-                    enqueue(math.inf)
-                    first = False
                 for out in outputs:
                     if out.finished and out.request_id in pending:
                         results[out.request_id] = out
