@@ -11,15 +11,14 @@ NCCL does; prints a table and writes a record.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from albireo.bench.ranks import run_ranks  # noqa: E402
 from albireo.bench.record import graph_us, write_record  # noqa: E402
 from albireo.distributed.symm_all_reduce import MAX_BYTES, SymmMemAllReduce  # noqa: E402
 from albireo.layers.norm import RMSNorm  # noqa: E402
@@ -28,7 +27,7 @@ CALLS_PER_STEP = 64
 BATCHES = (1, 8, 32, 64, 128, 256, 512, 1024)
 
 
-def _rank(rank: int, world: int, port: int, hidden: int, queue) -> None:
+def _rank(rank: int, world: int, port: int, queue, hidden: int) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     device = torch.device("cuda", rank)
@@ -78,26 +77,13 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
     record = {"workload": "allreduce", "model": f"hidden{args.hidden}-bf16", "calls_per_step": CALLS_PER_STEP,
               "by_tp": {}}
     for world in args.tp:
         if world > torch.cuda.device_count():
             print(f"tp={world}: only {torch.cuda.device_count()} GPUs, skipped")
             continue
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, args.hidden, queue), daemon=True)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        record["by_tp"][world] = queue.get(timeout=240)
-        for p in procs:  # the ranks are done; tearing NCCL down can take longer than the benchmark
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        record["by_tp"][world] = run_ranks(_rank, world, args.hidden)
     record["tp"] = max(record["by_tp"], default=1)
     print(f"record: {write_record(record, args.out)}")
 

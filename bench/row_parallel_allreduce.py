@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -146,10 +145,9 @@ def main() -> None:
     p.add_argument("--inner", type=int, default=7168, help="down_proj's input features per rank at TP=2")
     p.add_argument("--decode-rows", type=int, nargs="*", default=[128, 256, 512, 1024])
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, args.rows, args.chunks, args.hidden, args.inner, args.decode_rows), nprocs=2)
+    from albireo.bench.ranks import free_port
+
+    mp.spawn(_rank, args=(free_port(), args.rows, args.chunks, args.hidden, args.inner, args.decode_rows), nprocs=2)
 
 
 if __name__ == "__main__":

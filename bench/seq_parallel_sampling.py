@@ -12,14 +12,13 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from albireo.bench.ranks import run_ranks
 from albireo.distributed import parallel_state as ps
 from albireo.kernels.triton_sampling import chunks_for
 from albireo.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
@@ -27,7 +26,7 @@ from albireo.sampling.seq_parallel import seq_parallel_sample
 from albireo.sampling_params import SamplingParams
 
 
-def _bench(rank, world, port, device_type, batch, vocabs, iters, plain, queue):
+def _bench(rank, world, port, queue, device_type, batch, vocabs, iters, plain):
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     ps.set_tensor_parallel_group(dist.group.WORLD)
@@ -91,23 +90,11 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    ctx = mp.get_context("spawn")
     record = {"device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu", "batch": args.batch, "plain": args.plain,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "runs": []}
     print(f"{'tp':>3} {'vocab':>7} {'path':>13} {'ms/step':>9} {'MB recv/rank':>13}")
     for world in args.tp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_bench, args=(r, world, port, device_type, args.batch, args.vocab, args.iters, args.plain,
-                                                   queue))
-                 for r in range(world)]
-        for proc in procs:
-            proc.start()
-        results = queue.get()
-        for proc in procs:
-            proc.join()
+        results = run_ranks(_bench, world, device_type, args.batch, args.vocab, args.iters, args.plain, timeout=None)
         for r in results:
             r["tp"] = world
             record["runs"].append(r)

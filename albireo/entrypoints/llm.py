@@ -55,15 +55,14 @@ class LLM:
 
         def enqueue() -> None:
             """Check and queue the next prompts: twice what one step can take of them."""
-            tokens = count = 0
-            for i, (request_id, prompt, p) in queue:
+            tokens = 0
+            for count, (i, (request_id, prompt, p)) in enumerate(queue, 1):
                 try:
                     prompt_ids, max_tokens = engine.check(prompt, p, add_special_tokens)
                 except ValueError as e:
                     raise ValueError(f"prompts[{i}]: {e}") from None
                 engine.enqueue(request_id, prompt, prompt_ids, max_tokens, p)
                 tokens += len(prompt_ids)
-                count += 1
                 if tokens >= 2 * step_tokens or count >= 2 * step_prompts:
                     return
 

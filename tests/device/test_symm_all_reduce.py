@@ -1,34 +1,16 @@
 """All-reduce over peer memory sums what NCCL sums, eagerly and replayed in CUDA graphs, and the
 one-shot kernel fused with the residual add and RMSNorm equals the all-reduce followed by them."""
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from albireo.bench.ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 # Shapes of one-shot sizes (the push kernel at every TP size up to 512 KiB, and at TP=2 up to
 # 8 MiB), two-shot sizes at TP > 2, and one past 8 MiB (NCCL).
 SHAPES = [(8,), (1, 4096), (3, 4096), (32, 4096), (64, 4096), (512, 4096), (2048 + 1, 4096)]
-
-
-def _spawn(target, world, *args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, world, port, queue, *args), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=180)
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-    return result
 
 
 def _join(rank, world, port, dtype):
@@ -69,7 +51,7 @@ def _sums(rank, world, port, queue, dtype):
 def test_symm_all_reduce_equals_nccl(dtype, world):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
-    worst = _spawn(_sums, world, dtype)
+    worst = run_ranks(_sums, world, dtype)
     # Two ranks: a + b is the same sum whichever kernel adds it. More may add in another order and
     # round in between (NCCL), each rounding moving a sum of size ~10 by up to a bf16 step (0.0625).
     if world == 2:
@@ -114,7 +96,7 @@ def _graph_replays_between_eager_calls(rank, world, port, queue):
 
 
 def test_graph_replays_between_eager_calls_stay_correct():
-    assert _spawn(_graph_replays_between_eager_calls, 2) == 0
+    assert run_ranks(_graph_replays_between_eager_calls, 2) == 0
 
 
 def _fused(rank, world, port, queue):
@@ -145,7 +127,7 @@ def _fused(rank, world, port, queue):
 
 
 def test_fused_all_reduce_add_norm_equals_all_reduce_then_norm():
-    assert _spawn(_fused, 2) == 0
+    assert run_ranks(_fused, 2) == 0
 
 
 def _copy_engine_layers(rank, world, port, queue, dtype):
@@ -185,4 +167,4 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_copy_engine_all_reduce_equals_nccl_through_the_layer_and_its_norm(dtype):
-    assert _spawn(_copy_engine_layers, 2, dtype) == 0.0
+    assert run_ranks(_copy_engine_layers, 2, dtype) == 0.0
