@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--inner", type=int, default=7168, help="down_proj's input features per rank at TP=2")
     p.add_argument("--decode-rows", type=int, nargs="*", default=[128, 256, 512, 1024])
     args = p.parse_args()
-    from albireo.bench.ranks import free_port
+    from albireo.executor.executor import free_port
 
     mp.spawn(_rank, args=(free_port(), args.rows, args.chunks, args.hidden, args.inner, args.decode_rows), nprocs=2)
 

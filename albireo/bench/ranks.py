@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port on the loopback nobody listens on now (for the ranks' rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from albireo.executor.executor import free_port
 
 
 def run_ranks(target: Callable, world: int, *args, timeout: float | None = 240):

@@ -47,6 +47,7 @@ class UniProcExecutor:
 
 
 def free_port() -> int:
+    """A TCP port on the loopback nobody listens on now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
