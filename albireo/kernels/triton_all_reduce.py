@@ -74,7 +74,7 @@ def _push_all_reduce_kernel(
 
     # Every row this program owns goes out before it waits for any: a program never waits on a
     # peer's program that cannot run, as long as all programs fit on the GPU at once (the grid is
-    # at most one per SM).
+    # at most two per SM, each of at most eight warps).
     for row in range(first, rows, step):
         at = row * N  # < slot_numel: fits int32
         x = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
@@ -137,8 +137,10 @@ def push_all_reduce(
     `peers` holds the address of every rank's exchange buffer (ROUNDS * world * slot_numel elements
     of x's dtype, all -0.0 before the first call) and `rounds` this rank's round counter (int32 [2],
     zeros before the first call); every rank must make the same sequence of calls. The residual must
-    have x's dtype (it is written in place). The grid is one program per row, at most `max_programs`
-    (by default one per SM, so that every program is on the GPU at once while it waits).
+    have x's dtype (it is written in place). The grid is one program per row, at most `max_programs`,
+    by default as many as surely fit on the GPU at once (every program must be resident while it
+    waits): two per SM for programs of up to eight warps (rows of up to 4096), one otherwise. Two per
+    SM took 512 rows of 4096 in 17.4 us against 19.4 with one (two H200s, 64 calls in a graph).
     """
     n = x.shape[-1]
     rows = x.numel() // n
@@ -146,9 +148,12 @@ def push_all_reduce(
     has_norm = residual is not None
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) if has_norm else x
     on = pdl.enabled(x)
-    _push_all_reduce_kernel[(min(rows, max_programs or sm_count(x.device)),)](
+    warps = norm_num_warps(block)
+    if max_programs is None:
+        max_programs = sm_count(x.device) * (2 if warps <= 8 else 1)
+    _push_all_reduce_kernel[(min(rows, max_programs),)](
         x, out, residual if has_norm else x, weight if has_norm else x, peers, rounds, rows, slot_numel, n, eps,
         RANK=rank, WORLD=peers.numel(), ROUNDS=ROUNDS, WIDE=x.element_size() == 4, HAS_NORM=has_norm,
-        BLOCK=block, PDL=on, num_warps=norm_num_warps(block), launch_pdl=on,
+        BLOCK=block, PDL=on, num_warps=warps, launch_pdl=on,
     )
     return (out, residual) if has_norm else out
