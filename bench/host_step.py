@@ -35,7 +35,7 @@ TINY_LLAMA = {
 MAX_TOKENS = 400
 
 
-def ms_per_step(n: int, model_dir: str, prompt_len: int, warmup: int, steps: int) -> dict:
+def ms_per_step(n: int, model_dir: str, prompt_len: int, warmup: int, steps: int, final_only: bool = True) -> dict:
     max_len = prompt_len + MAX_TOKENS
     llm = LLM(model_dir, load_format="dummy", device="cpu", skip_tokenizer_init=True, max_num_seqs=n,
               max_num_batched_tokens=16384, num_kv_blocks=n * (-(-max_len // 16)), max_model_len=max_len,
@@ -47,7 +47,8 @@ def ms_per_step(n: int, model_dir: str, prompt_len: int, warmup: int, steps: int
     runner.sampler = lambda logits, meta: SamplerOutput(torch.full((logits.shape[0],), 7), None, None, None)
     params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     for i, prompt in enumerate(random_prompts(n, prompt_len, vocab)):
-        llm.engine.add_request(str(i), prompt, params)
+        # As LLM.generate queues them: reported once, when finished.
+        llm.engine.enqueue(str(i), prompt, prompt, params.max_tokens, params, final_only=final_only)
     for _ in range(warmup):
         llm.engine.step()
     timeline = llm.engine.core.timeline

@@ -138,3 +138,30 @@ def test_request_ids_reused_with_other_parameters_get_their_own_sampling(llm):
 
     run(SamplingParams(temperature=5.0, max_tokens=8, ignore_eos=True))
     assert run(greedy) == expected
+
+
+def _step_all(engine, final_only: bool, prompts, params) -> dict[str, list]:
+    """Every output the engine hands back, per request, until all finish."""
+    seen: dict[str, list] = {}
+    for i, prompt in enumerate(prompts):
+        prompt_ids, max_tokens = engine.check(prompt, params)
+        engine.enqueue(f"{final_only}-{i}", prompt, prompt_ids, max_tokens, params, final_only=final_only)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            samples = [(list(o.token_ids), o.text, o.finish_reason) for o in out.outputs]
+            seen.setdefault(out.request_id.split("-", 1)[1], []).append((out.finished, samples))
+    return seen
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_tokens=12),
+                                    SamplingParams(temperature=0.8, seed=5, max_tokens=12, n=2)],
+                         ids=["greedy", "seeded-n2"])
+def test_final_only_requests_report_once_with_the_tokens_and_text_of_streaming(llm, params):
+    prompts = ["The quick brown fox", "Hello there, how are", random_prompts(1, seed=4)[0]]
+    streamed = _step_all(llm.engine, False, prompts, params)
+    final = _step_all(llm.engine, True, prompts, params)
+    assert all(len(updates) > 1 for updates in streamed.values())
+    assert final.keys() == streamed.keys()
+    for request, updates in final.items():
+        assert len(updates) <= params.n  # once per sample, as each finishes
+        assert updates[-1] == streamed[request][-1] and updates[-1][0]

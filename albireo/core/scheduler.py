@@ -237,9 +237,14 @@ class Scheduler:
                 continue  # finished, aborted or preempted while the step ran
             request.num_pending -= 1
             request.append_output_token(token_id)
-            logprobs = sampled.logprobs[idx] if sampled.logprobs else None
             status = self._check_stop(request, token_id)
-            output = EngineCoreOutput(req_id, [token_id], [logprobs] if logprobs else None)
+            if request.final_only:
+                if status is None:
+                    continue
+                output = EngineCoreOutput(req_id, request.output_token_ids)
+            else:
+                logprobs = sampled.logprobs[idx] if sampled.logprobs else None
+                output = EngineCoreOutput(req_id, [token_id], [logprobs] if logprobs else None)
             if status is not None:
                 output.finish_reason = status.finish_reason
                 output.stop_reason = request.stop_reason

@@ -100,10 +100,15 @@ class LLMEngine:
         self.enqueue(request_id, prompt, *self.check(prompt, params, add_special_tokens), params)
 
     def enqueue(
-        self, request_id: str, prompt: PromptType, prompt_ids: list[int], max_tokens: int, params: SamplingParams
+        self, request_id: str, prompt: PromptType, prompt_ids: list[int], max_tokens: int, params: SamplingParams,
+        final_only: bool = False,
     ) -> None:
         """Enqueue a prompt that `check` accepted, with what it returned (a caller checking a batch of
-        prompts before adding any so tokenizes and checks each once)."""
+        prompts before adding any so tokenizes and checks each once). With final_only the request
+        changes only when it finishes: for callers that stream nothing, and only without stop
+        strings or logprobs (the frontend follows those token by token)."""
+        if final_only and (params.stop or params.logprobs is not None):
+            raise ValueError("final_only requests cannot have stop strings or logprobs")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         parent = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, prompt_ids)
@@ -118,7 +123,7 @@ class LLMEngine:
             output.cumulative_logprob = 0.0 if child.logprobs is not None else None
             parent.outputs.append(output)
             self.samples[core_id] = _Sample(core_id, parent, output, child, detok)
-            self.core.add_request(Request(core_id, prompt_ids, child, self.eos_token_ids, max_tokens))
+            self.core.add_request(Request(core_id, prompt_ids, child, self.eos_token_ids, max_tokens, final_only))
 
     def abort_request(self, request_id: str) -> None:
         parent = self.requests.pop(request_id, None)

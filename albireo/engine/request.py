@@ -37,6 +37,9 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: list[int]
     max_tokens: int  # resolved against the context length
+    # Report the request once, when it finishes, with all its output tokens (LLM.generate, which
+    # streams nothing): no output per token to build on the engine's side and fold on the frontend's.
+    final_only: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -61,7 +61,9 @@ class LLM:
                     prompt_ids, max_tokens = engine.check(prompt, p, add_special_tokens)
                 except ValueError as e:
                     raise ValueError(f"prompts[{i}]: {e}") from None
-                engine.enqueue(request_id, prompt, prompt_ids, max_tokens, p)
+                # Nothing streams: only stop strings and logprobs need each token as it comes.
+                engine.enqueue(request_id, prompt, prompt_ids, max_tokens, p,
+                               final_only=not p.stop and p.logprobs is None)
                 tokens += len(prompt_ids)
                 if tokens >= 2 * step_tokens or count >= 2 * step_prompts:
                     return
