@@ -48,7 +48,7 @@ def plot_vs_vllm(records: list[dict], out: Path) -> Path:
         tput_ax.bar(xs, values, width, label=label, color=color)
         for x, v in zip(xs, values):
             if v:
-                tput_ax.text(x, v, f"{v / 1000:.1f}k", ha="center", va="bottom", fontsize=8)
+                tput_ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
     tput_ax.set_xticks(range(len(workloads)), ["W1 1B\n1024 in/128 out", "W2 8B\n512 in/256 out", "W5 1B\n128 in/512 out"])
     tput_ax.set_ylabel("output tokens/s (higher is better)")
     tput_ax.legend(fontsize=8)
