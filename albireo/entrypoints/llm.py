@@ -98,7 +98,8 @@ class LLM:
 
     def _run(self, request_ids: list[str], enqueue: Callable[[], None], use_tqdm: bool) -> list[RequestOutput]:
         """Step until every request is done; before each step enqueue() queues more of the call's
-        prompts, while the GPU runs the step before (engine.step returns once it has launched one)."""
+        prompts, while the GPU runs the step before (under async scheduling engine.step returns as
+        soon as it has launched a step)."""
         results: dict[str, RequestOutput] = {}
         pending = set(request_ids)
         bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm)
