@@ -48,7 +48,7 @@ def ms_per_step(n: int, model_dir: str, prompt_len: int, warmup: int, steps: int
     params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     for i, prompt in enumerate(random_prompts(n, prompt_len, vocab)):
         # As LLM.generate queues them: reported once, when finished.
-        llm.engine.enqueue(str(i), prompt, prompt, params.max_tokens, params, final_only=final_only)
+        llm.engine.enqueue(str(i), prompt, *llm.engine.check(prompt, params), params, final_only=final_only)
     for _ in range(warmup):
         llm.engine.step()
     timeline = llm.engine.core.timeline

@@ -104,11 +104,10 @@ class LLMEngine:
         final_only: bool = False,
     ) -> None:
         """Enqueue a prompt that `check` accepted, with what it returned (a caller checking a batch of
-        prompts before adding any so tokenizes and checks each once). With final_only the request
-        changes only when it finishes: for callers that stream nothing, and only without stop
-        strings or logprobs (the frontend follows those token by token)."""
-        if final_only and (params.stop or params.logprobs is not None):
-            raise ValueError("final_only requests cannot have stop strings or logprobs")
+        prompts before adding any so tokenizes and checks each once). final_only is for callers that
+        stream nothing: the request then changes only when it finishes, unless it has stop strings
+        or logprobs, which this frontend follows token by token."""
+        final_only = final_only and not params.stop and params.logprobs is None
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         parent = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, prompt_ids)

@@ -61,9 +61,7 @@ class LLM:
                     prompt_ids, max_tokens = engine.check(prompt, p, add_special_tokens)
                 except ValueError as e:
                     raise ValueError(f"prompts[{i}]: {e}") from None
-                # Nothing streams: only stop strings and logprobs need each token as it comes.
-                engine.enqueue(request_id, prompt, prompt_ids, max_tokens, p,
-                               final_only=not p.stop and p.logprobs is None)
+                engine.enqueue(request_id, prompt, prompt_ids, max_tokens, p, final_only=True)  # nothing streams
                 tokens += len(prompt_ids)
                 if tokens >= 2 * step_tokens or count >= 2 * step_prompts:
                     return
