@@ -331,6 +331,11 @@ class ParallelConfig:
     def ranks_per_node(self) -> int:
         return self.tensor_parallel_size // self.nnodes
 
+    @property
+    def peer_memory(self) -> bool:
+        """Whether GPU ranks sum over peer memory (and copy engines), which spans one host only."""
+        return self.all_reduce == "symm_mem" and self.nnodes == 1
+
 
 @dataclass
 class EngineConfig:

@@ -50,8 +50,7 @@ def engine_facts(llm, args) -> dict:
         "copy_streams": config.device == "cuda" and model_runner.COPY_STREAMS,
         # Large all-reduces of two GPU ranks on the copy engines, switched off by ALBIREO_CE_ALL_REDUCE=0.
         "copy_engine_all_reduce": (config.device == "cuda" and config.parallel.tensor_parallel_size == 2
-                                   and config.parallel.all_reduce == "symm_mem" and config.parallel.nnodes == 1
-                                   and parallel_state.copy_engine_all_reduce_on),
+                                   and config.parallel.peer_memory and parallel_state.copy_engine_all_reduce_on),
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,

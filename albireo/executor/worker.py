@@ -37,8 +37,7 @@ class Worker:
         self.device = torch.device("cuda", local_rank) if config.device == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        # Peer memory spans the GPUs of one host only.
-        if config.parallel.all_reduce == "symm_mem" and config.parallel.nnodes == 1:
+        if config.parallel.peer_memory:
             dtype = config.model.torch_dtype(self.device)
             # The largest row-parallel output: a full token budget of hidden states.
             largest = config.scheduler.max_num_batched_tokens * config.arch.hidden_size * dtype.itemsize
