@@ -33,12 +33,9 @@ import os
 import torch
 import torch.distributed as dist
 
-# Up to this many bytes the one-shot push kernel (symm_all_reduce.py) takes the all-reduce: the
-# copies' fixed costs lost to it in decode graphs up to 512 rows of 4096 and tied at 1024 (8 MiB).
-# ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES moves it (tests send tiny models through this path with 0).
-
 
 def above_bytes_from_env() -> int:
+    """ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES, 8 MiB by default (tests send tiny models through this path with 0)."""
     value = os.environ.get("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", str(8 * 2**20))
     try:
         return int(value)
@@ -46,6 +43,8 @@ def above_bytes_from_env() -> int:
         raise ValueError(f"ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES must be a whole number of bytes, got {value!r}") from None
 
 
+# Up to this many bytes the one-shot push kernel (symm_all_reduce.py) takes the all-reduce: the
+# copies' fixed costs lost to it in decode graphs up to 512 rows of 4096 and tied at 1024 (8 MiB).
 ABOVE_BYTES = above_bytes_from_env()
 CHUNKS = 4
 
