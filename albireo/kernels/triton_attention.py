@@ -24,6 +24,8 @@ scale * log2(e)); the scratch log-sum-exps are base 2 as well.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -34,12 +36,23 @@ from albireo.kernels import pdl, sm_count
 # Keys per inner-loop iteration. Any size is correct (K/V are gathered per position); a multiple or
 # a divisor of the cache block size keeps each page's rows in one tile.
 KV_TILE = 64
-PREFILL_ROWS = 64  # target rows (query tokens x group heads) per program on the mixed path
 MIN_DOT_ROWS = 16  # tl.dot needs M >= 16; decode pads its group rows up to this
 MAX_SPLITS = 16
 WAVES = 2  # decode: aim for at least this many programs per SM before splitting stops helping
-PREFILL_STAGES = 2  # warps: 4, or 8 for tiles of >= 128 x 128 (rows x head_dim) to avoid spills
 DECODE_WARPS, DECODE_STAGES = 4, 2
+
+
+@dataclass(frozen=True)
+class PrefillTiles:
+    """Launch shape of the mixed path (bench/prefill_attention.py sweeps it)."""
+
+    rows: int = 64  # target rows (query tokens x group heads) per program
+    kv_tile: int = KV_TILE
+    warps: int | None = None  # None: 4, or 8 for tiles of >= 128 x 128 (rows x head_dim) to avoid spills
+    stages: int = 2
+
+
+PREFILL_TILES = PrefillTiles()
 
 _LOG2E = 1.4426950408889634
 
@@ -407,6 +420,7 @@ def paged_attention(
     max_query_len: int,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    tiles: PrefillTiles = PREFILL_TILES,
 ) -> torch.Tensor:
     """Causal attention of each sequence's last queries over its first seq_lens[i] cached tokens.
 
@@ -470,8 +484,8 @@ def paged_attention(
             )  # fmt: skip
         return out
 
-    # Mixed path: BLOCK_Q tokens x group_pad heads per program, ~PREFILL_ROWS rows.
-    block_q = min(triton.next_power_of_2(max_query_len), max(1, PREFILL_ROWS // group_pad))
+    # Mixed path: BLOCK_Q tokens x group_pad heads per program, ~tiles.rows rows.
+    block_q = min(triton.next_power_of_2(max_query_len), max(1, tiles.rows // group_pad))
     block_m = max(MIN_DOT_ROWS, block_q * group_pad)
     # Sequence i's tiles start at query_start_loc[i] // block_q + i, so this bounds them all.
     num_tiles = num_tokens // block_q + num_seqs
@@ -481,10 +495,10 @@ def paged_attention(
         scale_log2, num_seqs,
         *common_strides,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
-        BLOCK_N=KV_TILE, PAGE=page, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision,
-        num_warps=8 if block_m * head_dim >= 128 * 128 else 4, num_stages=PREFILL_STAGES,
+        BLOCK_N=tiles.kv_tile, PAGE=page, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision,
+        num_warps=tiles.warps or (8 if block_m * head_dim >= 128 * 128 else 4), num_stages=tiles.stages,
     )  # fmt: skip
     return out
 
 
-__all__ = ["write_kv", "paged_attention", "default_num_splits"]
+__all__ = ["write_kv", "paged_attention", "default_num_splits", "PrefillTiles"]

@@ -8,6 +8,8 @@ checkpoint tensor, so a rank never holds more than its share.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ from albireo.distributed.parallel_state import (
 from albireo.layers.norm import RMSNorm
 
 _HALF = (torch.bfloat16, torch.float16)
+GEMM_RESIDUAL = os.environ.get("ALBIREO_GEMM_RESIDUAL", "1") != "0"  # experiment switch
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
@@ -39,6 +42,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if silu_mul:
         x = silu_and_mul(x)
     return F.linear(x, weight, bias)
+
+
+def _gemm_adds_residual(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether a matmul of x (not a one-row GEMV) can accumulate into the residual in place."""
+    return (GEMM_RESIDUAL and kernels.fused_on(x) and x.dim() == 2 and x.shape[0] > 1 and x.dtype in _HALF
+            and residual is not None and residual.dtype == x.dtype and residual.is_contiguous())
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -157,6 +166,11 @@ class RowParallelLinear(nn.Module):
                 return rms_norm(mine, norm.weight, norm.eps, residual, addend=theirs)
             y = mine.add_(theirs)
         else:
+            if norm is not None and self.bias is None and tp_size() == 1 and _gemm_adds_residual(x, residual):
+                # With nothing to sum over ranks, cuBLAS adds the product into the residual stream as
+                # it writes it (beta = 1): the norm then reads one tensor and writes one, not two each.
+                residual.addmm_(silu_and_mul(x) if silu_mul else x, self.weight.t())
+                return norm(residual), residual
             y = linear(x, self.weight, silu_mul=silu_mul)
             if norm is not None and self.bias is None:
                 fused = tp_all_reduce_rms_norm(y, residual, norm.weight, norm.eps)

@@ -263,3 +263,31 @@ def test_one_row_linear_agrees_with_cublas():
     x = torch.randn(1, 4096, device="cuda", generator=g).to(BF16)
     w = (torch.randn(6144, 4096, device="cuda", generator=g) / 64).to(BF16)
     torch.testing.assert_close(linear(x, w).float(), F.linear(x, w).float(), rtol=2 * ULP_RTOL, atol=1e-2)
+
+
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_row_parallel_layer_adding_into_the_residual_in_its_matmul_rounds_the_sum_once(silu_mul):
+    """At TP=1 a many-row o_proj / down_proj adds its product into the residual stream inside the
+    cuBLAS matmul (beta = 1): the new residual is the sum rounded once, on average no further from
+    the float64 sum than the product rounded, then added and rounded again; the norm after it is
+    the norm of that residual."""
+    from albireo.layers import linear as linear_mod
+    from albireo.layers.linear import RowParallelLinear
+
+    g = torch.Generator(device="cuda").manual_seed(6)
+    hidden, inner, rows = 2048, 8192, 300
+    layer = RowParallelLinear(inner, hidden).cuda().to(BF16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(hidden, inner, device="cuda", generator=g) / 64)
+    x = torch.randn(rows, 2 * inner if silu_mul else inner, device="cuda", generator=g).to(BF16)
+    residual = torch.randn(rows, hidden, device="cuda", generator=g).to(BF16)
+    norm = _norm(hidden)
+    inputs = linear_mod.silu_and_mul(x) if silu_mul else x
+    exact = inputs.double() @ layer.weight.double().t() + residual.double()
+
+    assert linear_mod._gemm_adds_residual(x, residual)
+    normed, summed = layer(x, silu_mul=silu_mul, residual=residual.clone(), norm=norm)
+    twice = (F.linear(inputs, layer.weight) + residual).double()
+    assert (summed.double() - exact).abs().mean() <= (twice - exact).abs().mean()
+    torch.testing.assert_close(summed.double(), exact, rtol=ULP_RTOL, atol=1e-2)
+    _check_bf16(normed, norm(summed.clone()))
