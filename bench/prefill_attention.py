@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.record import device_name, git_commit  # noqa: E402
-from albireo.kernels.triton_attention import PREFILL_TILES, PrefillTiles, paged_attention  # noqa: E402
+from albireo.kernels.triton_attention import PrefillTiles, paged_attention  # noqa: E402
 
 # name: (query heads, KV heads, head dim, prompts, prompt length)
 SHAPES = {
@@ -95,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    configs = [PREFILL_TILES] + [
+    configs = [PrefillTiles()] + [
         PrefillTiles(rows, kv_tile, warps, stages)
         for rows, kv_tile, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
     ]

@@ -52,7 +52,13 @@ class PrefillTiles:
     stages: int = 2
 
 
-PREFILL_TILES = PrefillTiles()
+# By head dim, from bench/prefill_attention.py on an H100 (benchmarks/results/prefill-attention-*):
+# at 128, tiles of 32 keys ran W2's prefill 8% faster than 64; at 64 the default was best.
+PREFILL_TILES = {128: PrefillTiles(kv_tile=32)}
+
+
+def prefill_tiles(head_dim: int) -> PrefillTiles:
+    return PREFILL_TILES.get(head_dim, PrefillTiles())
 
 _LOG2E = 1.4426950408889634
 
@@ -420,7 +426,7 @@ def paged_attention(
     max_query_len: int,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    tiles: PrefillTiles = PREFILL_TILES,
+    tiles: PrefillTiles | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's last queries over its first seq_lens[i] cached tokens.
 
@@ -485,6 +491,7 @@ def paged_attention(
         return out
 
     # Mixed path: BLOCK_Q tokens x group_pad heads per program, ~tiles.rows rows.
+    tiles = tiles or prefill_tiles(head_dim)
     block_q = min(triton.next_power_of_2(max_query_len), max(1, tiles.rows // group_pad))
     block_m = max(MIN_DOT_ROWS, block_q * group_pad)
     # Sequence i's tiles start at query_start_loc[i] // block_q + i, so this bounds them all.

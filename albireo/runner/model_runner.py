@@ -159,9 +159,10 @@ class ModelRunner:
         if kernels.fused_on(hidden):
             # The mixed attention kernel compiles one variant per power of two of a step's longest
             # query, up to its tile: a short prefill chunk must not be the first to need one.
-            from albireo.kernels.triton_attention import PREFILL_TILES
+            from albireo.kernels.triton_attention import prefill_tiles
 
-            for length in (2**k for k in range(1, PREFILL_TILES.rows.bit_length()) if 2**k <= counts[0]):
+            tile_rows = prefill_tiles(self.model.attention_layers()[0].head_dim).rows
+            for length in (2**k for k in range(1, tile_rows.bit_length()) if 2**k <= counts[0]):
                 one = np.array([length], dtype=counts.dtype)
                 self._forward(length, self._stage(rows[:1], np.zeros_like(one), one, []))
         logits = self.model.compute_logits(hidden[-1:].expand(self.max_num_reqs, -1))
