@@ -274,3 +274,66 @@ def test_write_then_attend_matches_reference_step():
     )  # fmt: skip
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _rotary_tables(head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from albireo.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(head_dim, max_pos, 10000.0, None)
+    return rope.cos, rope.sin
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "seq_lens, query_lens, num_splits",
+    [([150, 1, 64, 65, 7], [1] * 5, 3), ([70, 3, 129], [1] * 3, 1), ([33, 0, 80], [1, 0, 1], 8),
+     ([45, 1, 12], [15, 1, 12], None)],
+)
+def test_attention_given_new_tokens_rotates_and_stores_them_as_rotary_then_write_kv(seq_lens, query_lens, num_splits):
+    # Decode (some splits empty, a padding sequence) and a mixed step: q and k arrive unrotated and
+    # the step's K/V are not cached yet; the output and the caches equal rotating with the torch
+    # rotary, write_kv, then attending. The decode splits' arrival counts are back at zero after.
+    from albireo.layers.rotary import _rotate
+
+    num_q_heads, num_kv_heads, head_dim, page = 8, 2, 64, 16
+    q, k_cache, v_cache, block_tables, qsl = make_batch(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page)
+    gen = torch.Generator().manual_seed(9)
+    k_new = torch.randn(q.shape[0], num_kv_heads, head_dim, generator=gen)
+    v_new = torch.randn(q.shape[0], num_kv_heads, head_dim, generator=gen)
+    positions, slots = [], []
+    for i, (s, n) in enumerate(zip(seq_lens, query_lens)):
+        for pos in range(s - n, s):
+            positions.append(pos)
+            slots.append(int(block_tables[i, pos // page]) * page + pos % page)
+    positions, slots = torch.tensor(positions), torch.tensor(slots, dtype=torch.int64)
+    cos, sin = _rotary_tables(head_dim, 256)
+
+    q_rot = _rotate(q, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+    k_rot = _rotate(k_new, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    reference.write_kv(k_rot, v_new, k_ref, v_ref, slots)
+    expected = reference.paged_attention(q_rot, k_ref, v_ref, block_tables, qsl, seq_lens, 0.125)
+
+    out = ta.paged_attention(
+        q, k_cache, v_cache, block_tables,
+        torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), 0.125,
+        max(query_lens), num_splits=num_splits, new_tokens=ta.NewTokens(k_new, v_new, positions, slots, cos, sin),
+    )  # fmt: skip
+    torch.testing.assert_close(k_cache, k_ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(v_cache, v_ref)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for (device, dtype), counts in ta._scratch.items():
+        if dtype == torch.int32:
+            assert not counts.any(), "a split left its arrival count behind"
+
+
+@interpreted
+def test_decode_given_a_negative_slot_stores_nothing():
+    # A token whose slot is -1 (skipped, as write_kv skips it) leaves the cache untouched.
+    q, k_cache, v_cache, block_tables, qsl = make_batch([20], [1], 4, 2, 64, 16)
+    cos, sin = _rotary_tables(64, 64)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    new = ta.NewTokens(torch.randn(1, 2, 64), torch.randn(1, 2, 64), torch.tensor([19]), torch.tensor([-1]), cos, sin)
+    ta.paged_attention(q, k_cache, v_cache, block_tables, torch.tensor(qsl, dtype=torch.int32),
+                       torch.tensor([20], dtype=torch.int32), 0.125, 1, num_splits=2, new_tokens=new)
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)

@@ -33,6 +33,7 @@ def git_commit() -> str:
 def engine_facts(llm, args) -> dict:
     """The record fields that describe the engine a benchmark ran on."""
     from albireo.distributed import parallel_state
+    from albireo.layers import linear
     from albireo.runner import model_runner
 
     config = llm.engine.config
@@ -48,6 +49,9 @@ def engine_facts(llm, args) -> dict:
         # Programmatic dependent launch (albireo/kernels/pdl.py), switched off by ALBIREO_PDL=0.
         "pdl": config.device == "cuda" and kernels.use_pdl,
         "copy_streams": config.device == "cuda" and model_runner.COPY_STREAMS,
+        # TP=1 matmuls adding into the residual stream (albireo/layers/linear.py), ALBIREO_GEMM_RESIDUAL=0 off.
+        "gemm_residual": (config.device == "cuda" and config.fused_kernels and linear.GEMM_RESIDUAL
+                          and config.parallel.tensor_parallel_size == 1),
         # Large all-reduces of two GPU ranks on the copy engines, switched off by ALBIREO_CE_ALL_REDUCE=0.
         "copy_engine_all_reduce": (config.device == "cuda" and config.parallel.tensor_parallel_size == 2
                                    and config.parallel.peer_memory and parallel_state.copy_engine_all_reduce_on),

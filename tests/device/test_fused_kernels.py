@@ -285,7 +285,7 @@ def test_row_parallel_layer_adding_into_the_residual_in_its_matmul_rounds_the_su
     inputs = linear_mod.silu_and_mul(x) if silu_mul else x
     exact = inputs.double() @ layer.weight.double().t() + residual.double()
 
-    assert linear_mod._gemm_adds_residual(x, residual)
+    assert linear_mod._gemm_adds_residual(x, layer.weight, residual)
     normed, summed = layer(x, silu_mul=silu_mul, residual=residual.clone(), norm=norm)
     twice = (F.linear(inputs, layer.weight) + residual).double()
     assert (summed.double() - exact).abs().mean() <= (twice - exact).abs().mean()
