@@ -14,10 +14,8 @@ launch stays valid for any seq_lens (the decode path is replayed from CUDA graph
   B * cdiv(max_query_len, BLOCK_Q). max_query_len only sizes the tiles.
 * Decode-only batches (max_query_len == 1): flash-decoding. Grid (B, Hk, num_splits); each split
   attends to a contiguous, tile-aligned share of the context and writes a normalized partial output
-  and its log-sum-exp to scratch; the last split of a (sequence, KV head) to finish merges them (an
-  arrival count per pair), so decode attention is one launch. With one split the program writes the
-  output directly. Given the step's unrotated q and k (NewTokens), it also applies the rotary
-  embedding and stores the new K/V, which a batch-1 step would otherwise spend two launches on.
+  and its log-sum-exp to scratch, and a second kernel merges the splits. With one split the first
+  kernel writes the output directly.
 
 K and V are gathered through the block table position by position, so the KV tile (BLOCK_N) need
 not equal the cache block size. Softmax runs online in fp32 in base 2 (scores are pre-multiplied by
@@ -283,28 +281,17 @@ def _mixed_attention_kernel(
 
 
 @triton.jit
-def _rotate(x, x_swapped, cos, sin, dims, HALF: tl.constexpr):
-    """Rotate-half rotary of x [..., D] given x with its halves swapped, in fp32, rounded to x's dtype
-    (RotaryEmbedding's math: [x1 cos - x2 sin, x2 cos + x1 sin])."""
-    sign = tl.where(dims < HALF, -1.0, 1.0)
-    return (x.to(tl.float32) * cos + sign * x_swapped.to(tl.float32) * sin).to(x.dtype)
-
-
-@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, arrivals_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    pos_ptr, cos_ptr, sin_ptr, k_new_ptr, v_new_ptr, slot_ptr,
     scale_log2, num_q_heads,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt,
-    stride_cos, stride_sin, stride_nkt, stride_nkh, stride_nvt, stride_nvh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, ROTARY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl.wait_for_previous(PDL)
     seq = tl.program_id(0)
@@ -312,7 +299,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + seq)
-    # Padding sequences have no query row.
+    # Padding sequences have no query row; the merge kernel skips them too.
     if tl.load(query_start_loc_ptr + seq + 1) == q_start:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -323,39 +310,14 @@ def _decode_split_kernel(
     q_head = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
     token_row = q_start.to(tl.int64)
-    q_row_ptrs = q_ptr + token_row * stride_qt + q_head[:, None] * stride_qh
-    q = tl.load(q_row_ptrs + dims[None, :] * stride_qd, mask=row_valid[:, None], other=0.0)
+    q_ptrs = q_ptr + token_row * stride_qt + q_head[:, None] * stride_qh + dims[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
 
     # Splits are whole KV tiles, sized from this sequence's length so the grid stays fixed; late
     # splits of a short sequence get an empty range and report lse = -inf.
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
     lo = split * tiles_per_split * BLOCK_N
     hi = tl.maximum(tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len), lo)
-
-    if ROTARY:
-        # q and the new k arrive unrotated: every split rotates q for itself, and the split whose
-        # range holds the new token rotates k and stores it and v in the cache before it reads them.
-        HALF: tl.constexpr = HEAD_DIM // 2
-        swapped = (dims + HALF) % HEAD_DIM
-        pos = tl.load(pos_ptr + token_row).to(tl.int64)
-        cos = tl.load(cos_ptr + pos * stride_cos + dims % HALF).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_sin + dims % HALF).to(tl.float32)
-        q_swapped = tl.load(q_row_ptrs + swapped[None, :] * stride_qd, mask=row_valid[:, None], other=0.0)
-        q = _rotate(q, q_swapped, cos[None, :], sin[None, :], dims[None, :], HALF)
-        if (lo < seq_len) & (seq_len <= hi):
-            slot = tl.load(slot_ptr + token_row).to(tl.int64)
-            k_row = k_new_ptr + token_row * stride_nkt + kv_head * stride_nkh
-            k = _rotate(tl.load(k_row + dims), tl.load(k_row + swapped), cos, sin, dims, HALF)
-            v = tl.load(v_new_ptr + token_row * stride_nvt + kv_head * stride_nvh + dims)
-            page = slot // PAGE
-            offset = slot % PAGE
-            store = (dims < HEAD_DIM) & (slot >= 0)  # a negative slot stores nothing, as in write_kv
-            k_dst = k_cache_ptr + page * stride_kb + offset * stride_ks + kv_head * stride_kh + dims * stride_kd
-            v_dst = v_cache_ptr + page * stride_vb + offset * stride_vs + kv_head * stride_vh + dims * stride_vd
-            tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=store)
-            tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=store)
-            tl.debug_barrier()  # the stores, by some threads, before the loads of the last tile by others
-
     full_end = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
     # The decode query sees every key below seq_len; the masked pass only trims the ragged tail.
     qpos = tl.full([BLOCK_M], 0, dtype=tl.int32) + (hi - 1)
@@ -382,75 +344,67 @@ def _decode_split_kernel(
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    out_row = out_ptr + token_row * stride_ot
     if NUM_SPLITS == 1:
-        tl.store(out_row + q_head[:, None] * stride_oh + dims[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+        o_ptrs = out_ptr + token_row * stride_ot + q_head[:, None] * stride_oh + dims[None, :] * stride_od
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     else:
         # Scratch is [B, Hq, NUM_SPLITS, (D)], contiguous fp32.
         part = (seq * num_q_heads + q_head).to(tl.int64) * NUM_SPLITS + split
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], o, mask=row_valid[:, None])
         tl.store(part_lse_ptr + part, lse, mask=row_valid)
-        # The last split of (sequence, KV head) to arrive merges the group's splits, and resets the
-        # count for the next layer. The barrier orders every thread's stores before the release.
-        tl.debug_barrier()
-        arrivals = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            tl.store(arrivals, 0)
-            splits = tl.arange(0, SPLITS_PAD)
-            for h in range(GROUP):
-                head = kv_head * GROUP + h
-                part = (seq * num_q_heads + head).to(tl.int64) * NUM_SPLITS + splits
-                # Other programs wrote these: read through L2 (.cg), past this SM's L1.
-                lse = tl.load(part_lse_ptr + part, mask=splits < NUM_SPLITS, other=float("-inf"),
-                              cache_modifier=".cg")
-                parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :],
-                                mask=(splits < NUM_SPLITS)[:, None], other=0.0, cache_modifier=".cg")
-                # Each split's output is already normalized by its own sum, so it is weighted by its
-                # share exp2(lse_s) of the total. Empty splits weigh exp2(-inf) = 0; if all are empty
-                # (seq_len 0) the output is zeros.
-                top = tl.max(lse, axis=0)
-                top = tl.where(top == float("-inf"), 0.0, top)
-                weight = tl.exp2(lse - top)
-                total = tl.sum(weight, axis=0)
-                merged = tl.sum(parts * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-                tl.store(out_row + head * stride_oh + dims * stride_od, merged.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr,
+    num_q_heads,
+    stride_ot, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    pdl.wait_for_previous(PDL)
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_start:
+        return
+
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    part = (seq * num_q_heads + head).to(tl.int64) * NUM_SPLITS + splits
+    lse = tl.load(part_lse_ptr + part, mask=splits < NUM_SPLITS, other=float("-inf"))
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=(splits < NUM_SPLITS)[:, None])
+    # Each split's output is already normalized by its own sum, so it is weighted by its share
+    # exp2(lse_s) of the total. Empty splits weigh exp2(-inf) = 0; if all are empty (seq_len 0)
+    # the output is zeros.
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp2(lse - top)
+    total = tl.sum(weight, axis=0)
+    o = tl.sum(parts * weight[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    o_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + dims * stride_od
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty))
 
 
 # ---------------------------------------------------------------------------------------------
 # Host side
 
-# Growing scratch buffers per (device, dtype): the split-K partials (fp32) and the splits' arrival
-# counts (int32, zero between launches). Reusing them gives a CUDA graph the same pointers on every
-# replay. A buffer that gets outgrown is kept alive, not freed: a graph captured earlier may still
-# point at it. All users run on one stream, in order, so layers can share them.
-_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# One growing fp32 scratch buffer per device for the split-K partials. Reusing it gives a CUDA
+# graph the same pointer on every replay. A buffer that gets outgrown is kept alive, not freed: a
+# graph captured earlier may still point at it. All users run on one stream, in order, so layers
+# can share it.
+_scratch: dict[torch.device, torch.Tensor] = {}
 _retired_scratch: list[torch.Tensor] = []
 
 
-def _scratch_buffer(device: torch.device, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    buf = _scratch.get((device, dtype))
+def _scratch_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    buf = _scratch.get(device)
     if buf is None or buf.numel() < numel:
         if buf is not None:
             _retired_scratch.append(buf)
-        buf = torch.zeros(numel, dtype=dtype, device=device)
-        _scratch[(device, dtype)] = buf
+        buf = torch.empty(numel, dtype=torch.float32, device=device)
+        _scratch[device] = buf
     return buf[:numel]
-
-
-@dataclass
-class NewTokens:
-    """A step's new keys and values [T, Hk, D], not yet rotated or cached, with what it takes to do
-    both: positions [T], cache slots [T] (negative: store nothing) and the rotary tables cos/sin
-    [max_pos, D/2]. Given to paged_attention with the unrotated q, which it rotates as well."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
@@ -473,7 +427,6 @@ def paged_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     tiles: PrefillTiles | None = None,
-    new_tokens: NewTokens | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's last queries over its first seq_lens[i] cached tokens.
 
@@ -482,10 +435,6 @@ def paged_attention(
     sequence's query count; 1 selects the split-K decode path (num_splits None picks a default).
     Returns [T, Hq, D] in q's dtype, written into `out` ([T, Hq, D] or [T, Hq * D]) when given.
     Rows owned by no sequence are left untouched. Never syncs with the device.
-
-    With new_tokens, q is unrotated and the new K/V are not in the cache yet: q and k are rotated
-    and k and v stored first (inside the decode kernel; on the mixed path by apply_rotary, which
-    rotates q in place).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
@@ -519,39 +468,27 @@ def paged_attention(
             part_lse_numel = num_seqs * num_q_heads * num_splits
             buf = _scratch_buffer(q.device, part_lse_numel * (head_dim + 1))
             part_out, part_lse = buf[: part_lse_numel * head_dim], buf[part_lse_numel * head_dim :]
-            arrivals = _scratch_buffer(q.device, num_seqs * num_kv_heads, torch.int32)
         else:
-            part_out = part_lse = arrivals = out  # unused: one split writes the output itself
-        new = new_tokens
-        if new is not None:
-            assert new.k.shape == new.v.shape == (num_tokens, num_kv_heads, head_dim)
-            assert new.k.stride(2) == 1 and new.v.stride(2) == 1 and q.stride(2) == 1
-            assert new.cos.shape == new.sin.shape == (new.cos.shape[0], head_dim // 2)
-            assert new.cos.stride(1) == 1 and new.sin.stride(1) == 1
-            new_args = (new.positions, new.cos, new.sin, new.k, new.v, new.slots)
-            new_strides = (new.cos.stride(0), new.sin.stride(0), *new.k.stride()[:2], *new.v.stride()[:2])
-        else:
-            new_args, new_strides = (q,) * 6, (0,) * 6  # unused: ROTARY is off
+            part_out = part_lse = out  # unused: one split writes the output itself
         on = pdl.enabled(q)
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-            q, k_cache, v_cache, out, part_out, part_lse, arrivals,
+            q, k_cache, v_cache, out, part_out, part_lse,
             block_tables, query_start_loc, seq_lens,
-            *new_args,
             scale_log2, num_q_heads,
             *common_strides,
-            *new_strides,
             GROUP=group, BLOCK_M=max(MIN_DOT_ROWS, group_pad), BLOCK_N=KV_TILE, PAGE=page,
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            ROTARY=new is not None, DOT_PRECISION=dot_precision, PDL=on,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision, PDL=on,
             num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, launch_pdl=on,
         )  # fmt: skip
+        if num_splits > 1:
+            _decode_merge_kernel[(num_seqs, num_q_heads)](
+                out, part_out, part_lse, query_start_loc,
+                num_q_heads,
+                *out.stride(),
+                HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), PDL=on,
+                num_warps=4 if head_dim >= 128 else 2, launch_pdl=on,
+            )  # fmt: skip
         return out
-
-    if new_tokens is not None:
-        from albireo.kernels.triton_fused import apply_rotary
-
-        new = new_tokens
-        apply_rotary(new.positions, q, new.k, new.cos, new.sin, store_kv=(new.v, k_cache, v_cache, new.slots))
 
     # Mixed path: BLOCK_Q tokens x group_pad heads per program, ~tiles.rows rows.
     tiles = tiles or prefill_tiles(head_dim)
@@ -571,4 +508,4 @@ def paged_attention(
     return out
 
 
-__all__ = ["write_kv", "paged_attention", "default_num_splits", "NewTokens", "PrefillTiles"]
+__all__ = ["write_kv", "paged_attention", "default_num_splits", "PrefillTiles"]

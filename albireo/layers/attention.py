@@ -59,7 +59,7 @@ class Attention(nn.Module):
         """q [T, Hq, D], k and v [T, Hk, D] -> [T, Hq * D].
 
         With rotary (a RotaryEmbedding), q and k are first rotated by their positions [T]; on CUDA
-        with fused kernels the attention kernels rotate them and store k and v themselves.
+        with fused kernels one launch rotates them and stores k and v in the cache.
         """
         if meta.before_attention is not None:
             meta.before_attention(self.layer_idx)
@@ -69,14 +69,16 @@ class Attention(nn.Module):
         if q.is_cuda:
             from albireo.kernels import triton_attention
 
-            new_tokens = None
             if rotate_and_store:
-                new_tokens = triton_attention.NewTokens(k, v, positions, meta.slot_mapping, rotary.cos, rotary.sin)
+                from albireo.kernels.triton_fused import apply_rotary
+
+                apply_rotary(positions, q, k, rotary.cos, rotary.sin,
+                             store_kv=(v, self.k_cache, self.v_cache, meta.slot_mapping))
             else:
                 triton_attention.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             out = triton_attention.paged_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                self.scale, meta.max_query_len, new_tokens=new_tokens,
+                self.scale, meta.max_query_len,
             )
         else:
             reference.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
