@@ -33,7 +33,6 @@ def git_commit() -> str:
 def engine_facts(llm, args) -> dict:
     """The record fields that describe the engine a benchmark ran on."""
     from albireo.distributed import parallel_state
-    from albireo.kernels import triton_gemv
     from albireo.layers import linear
     from albireo.runner import model_runner
 
@@ -56,8 +55,6 @@ def engine_facts(llm, args) -> dict:
         # Large all-reduces of two GPU ranks on the copy engines, switched off by ALBIREO_CE_ALL_REDUCE=0.
         "copy_engine_all_reduce": (config.device == "cuda" and config.parallel.tensor_parallel_size == 2
                                    and config.parallel.peer_memory and parallel_state.copy_engine_all_reduce_on),
-        # Weight bytes the batch-1 GEMV prefetches into L2 before it waits (ALBIREO_GEMV_PREFETCH_MB).
-        "gemv_prefetch_mb": triton_gemv.PREFETCH_BYTES / 2**20 if config.device == "cuda" else 0,
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,

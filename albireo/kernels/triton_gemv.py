@@ -11,16 +11,9 @@ BLOCK_K] float32 partial sum that is reduced once at the end: the loop body is l
 multiply-adds with no cross-lane reduction, and no split-K pass follows. With SILU_MUL the input
 row is a fused gate_up output [gate | up] and the kernel computes silu(gate) * up as it reads it
 (rounded where torch rounds), which saves the down projection a separate activation kernel.
-
-Under PDL the kernel starts while the one before it (a norm, an all-reduce, attention, another
-GEMV) still runs, and memory would idle at that boundary: so before it waits, besides reading its
-first tile, it asks L2 to prefetch the first PREFETCH_BYTES of the weight, spread over its first
-programs, which the loop then reads from L2.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -28,11 +21,7 @@ import triton.language as tl
 
 from albireo.kernels import pdl
 
-__all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS", "PREFETCH_BYTES"]
-
-# Weight bytes prefetched into L2 before the wait; 0 turns prefetching off (ALBIREO_GEMV_PREFETCH_MB).
-PREFETCH_BYTES = int(float(os.environ.get("ALBIREO_GEMV_PREFETCH_MB", "16")) * 2**20)
-PREFETCH_LINES = 256  # 128-byte lines per prefetching program
+__all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS"]
 
 # The measurement covered up to 4 rows; past that a tensor-core GEMM reuses each weight tile.
 MAX_ROWS = 4
@@ -68,24 +57,12 @@ def _accumulate(acc, w, x_ptr, rows, row_ok, ks, k_ok, K, stride_xm, SILU_MUL: t
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines holding ptrs; nothing waits for them."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, prefetch_programs, w_last,
+    x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if PREFETCH_LINES > 0:
-        if pid < prefetch_programs:
-            # Lines of the weight taken as one flat array (it is contiguous); w_last is its last index.
-            lines = pid * PREFETCH_LINES + tl.arange(0, PREFETCH_LINES)
-            _prefetch_l2(w_ptr + tl.minimum(lines.to(tl.int64) * LINE_ELEMS, w_last))
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -126,14 +103,9 @@ def gemv(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps, num_stages = config or config_for(k)
     on = pdl.enabled(x)
-    # Only a compiled kernel can prefetch (the interpreter has no inline PTX), and only a weight
-    # that is one flat array.
-    prefetch = on and PREFETCH_BYTES > 0 and w.is_contiguous()
-    lines = min(w.numel() * w.element_size(), PREFETCH_BYTES) // 128 if prefetch else 0
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), triton.cdiv(lines, PREFETCH_LINES), w.numel() - 1,
-        SILU_MUL=silu_mul, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        PREFETCH_LINES=PREFETCH_LINES if prefetch else 0, LINE_ELEMS=128 // w.element_size(), PDL=on,
+        x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+        SILU_MUL=silu_mul, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, PDL=on,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
     )
     return y

@@ -291,18 +291,3 @@ def test_row_parallel_layer_adding_into_the_residual_in_its_matmul_rounds_the_su
     assert (summed.double() - exact).abs().mean() <= (twice - exact).abs().mean()
     torch.testing.assert_close(summed.double(), exact, rtol=ULP_RTOL, atol=1e-2)
     _check_bf16(normed, norm(summed.clone()))
-
-
-@pytest.mark.parametrize("n, k, silu_mul", [(4096, 2048, False), (14336, 4096, False), (4096, 7168, True)])
-def test_gemv_prefetching_its_weight_into_l2_gives_the_same_products(n, k, silu_mul, monkeypatch):
-    """The L2 prefetch only moves weight bytes earlier: products bit for bit those without it."""
-    from albireo.kernels import triton_gemv
-
-    g = torch.Generator(device="cuda").manual_seed(7)
-    x = torch.randn(1, 2 * k if silu_mul else k, device="cuda", generator=g).to(BF16)
-    w = (torch.randn(n, k, device="cuda", generator=g) / 64).to(BF16)
-    runs = []
-    for prefetch in (16 << 20, 0):
-        monkeypatch.setattr(triton_gemv, "PREFETCH_BYTES", prefetch)
-        runs.append(triton_gemv.gemv(x, w, silu_mul))
-    assert torch.equal(runs[0], runs[1])
