@@ -39,7 +39,18 @@ KV_TILE = 64
 MIN_DOT_ROWS = 16  # tl.dot needs M >= 16; decode pads its group rows up to this
 MAX_SPLITS = 16
 WAVES = 2  # decode: aim for at least this many programs per SM before splitting stops helping
-DECODE_WARPS, DECODE_STAGES = 4, 2
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """Launch shape of the decode kernel (bench/decode_attention.py sweeps it)."""
+
+    kv_tile: int = KV_TILE
+    warps: int = 4
+    stages: int = 2
+
+
+DECODE_TILES = DecodeTiles()
 
 
 @dataclass(frozen=True)
@@ -412,7 +423,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device
     MAX_SPLITS, and no more than the KV tiles the block table can hold."""
     programs = max(num_seqs * num_kv_heads, 1)
     splits = triton.cdiv(WAVES * sm_count(device), programs)
-    return max(1, min(splits, MAX_SPLITS, triton.cdiv(max_kv_len, KV_TILE)))
+    return max(1, min(splits, MAX_SPLITS, triton.cdiv(max_kv_len, DECODE_TILES.kv_tile)))
 
 
 def paged_attention(
@@ -426,9 +437,10 @@ def paged_attention(
     max_query_len: int,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    tiles: PrefillTiles | None = None,
+    tiles: PrefillTiles | DecodeTiles | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's last queries over its first seq_lens[i] cached tokens.
+    `tiles` overrides the launch shape of the path taken (benchmarks sweep it).
 
     q [T, Hq, D]; caches [blocks, block_size, Hk, D]; block_tables [B, W] int32; query_start_loc
     [B + 1] int32; seq_lens [B] int32 (new tokens included). max_query_len must bound every
@@ -461,6 +473,7 @@ def paged_attention(
     common_strides = (*q.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0))
 
     if max_query_len == 1:
+        decode = tiles or DECODE_TILES
         if num_splits is None:
             num_splits = default_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * page, q.device)
         assert 1 <= num_splits
@@ -476,9 +489,9 @@ def paged_attention(
             block_tables, query_start_loc, seq_lens,
             scale_log2, num_q_heads,
             *common_strides,
-            GROUP=group, BLOCK_M=max(MIN_DOT_ROWS, group_pad), BLOCK_N=KV_TILE, PAGE=page,
+            GROUP=group, BLOCK_M=max(MIN_DOT_ROWS, group_pad), BLOCK_N=decode.kv_tile, PAGE=page,
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision, PDL=on,
-            num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, launch_pdl=on,
+            num_warps=decode.warps, num_stages=decode.stages, launch_pdl=on,
         )  # fmt: skip
         if num_splits > 1:
             _decode_merge_kernel[(num_seqs, num_q_heads)](
@@ -508,4 +521,4 @@ def paged_attention(
     return out
 
 
-__all__ = ["write_kv", "paged_attention", "default_num_splits", "PrefillTiles"]
+__all__ = ["write_kv", "paged_attention", "default_num_splits", "DecodeTiles", "PrefillTiles"]
