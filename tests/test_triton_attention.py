@@ -200,8 +200,8 @@ def test_default_num_splits():
     assert ta.default_num_splits(256, 8, 4096, cpu) == 1  # 2048 programs: plenty of waves
     assert ta.default_num_splits(1, 8, 4096, cpu) == 16  # capped at MAX_SPLITS
     assert ta.default_num_splits(4, 8, 4096, cpu) == 9  # ceil(264 / 32)
-    assert ta.default_num_splits(1, 1, 64, cpu) == 1  # one KV tile in the whole table
-    assert ta.default_num_splits(1, 8, 200, cpu) == 4  # ceil(200 / 64) tiles
+    assert ta.default_num_splits(1, 1, 32, cpu) == 1  # one split tile (32 keys) in the whole table
+    assert ta.default_num_splits(1, 8, 200, cpu) == 7  # ceil(200 / 32) tiles
 
 
 # ---------------------------------------------------------------------------------------------
