@@ -31,7 +31,7 @@ MAX_ROWS = 4
 # per program won for K <= 4096, and for longer rows (the down projection, whose x is twice as long
 # with silu_mul) eight, which reads x a quarter as often at the same speed (`config_for`). An H200
 # streams 1.4x faster and wanted more features per program for short rows too: four (eight for
-# the 4096-wide o_proj) ran its K <= 4096 projections 4-18% faster than two, where on an H100 they
+# the 4096-wide o_proj) ran its K <= 4096 projections 3-18% faster than two, where on an H100 they
 # were 1-3% slower (benchmarks/results/decode-gemm-h200-*.json against decode-gemm-h100.json).
 CONFIGS = [
     (2, 2048, 4, 3),
