@@ -29,10 +29,7 @@ MAX_ROWS = 4
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), as bench/decode_gemm.py compares them. Every program
 # reads all of x from L2, so fewer output features per program mean more x traffic: on an H100 two
 # per program won for K <= 4096, and for longer rows (the down projection, whose x is twice as long
-# with silu_mul) eight, which reads x a quarter as often at the same speed (`config_for`). An H200
-# streams 1.4x faster and wanted more features per program for short rows too: four (eight for
-# the 4096-wide o_proj) ran its K <= 4096 projections 3-18% faster than two, where on an H100 they
-# were 1-3% slower (benchmarks/results/decode-gemm-h200-*.json against decode-gemm-h100.json).
+# with silu_mul) eight, which reads x a quarter as often at the same speed (`config_for`).
 CONFIGS = [
     (2, 2048, 4, 3),
     (8, 1024, 4, 3),
@@ -88,24 +85,8 @@ def _gemv_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-_h200: dict[int, bool] = {}
-
-
-def _is_h200(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _h200:
-        _h200[index] = "H200" in torch.cuda.get_device_name(index)
-    return _h200[index]
-
-
-def config_for(n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
-    if k > 4096:
-        return CONFIGS[1]
-    if _is_h200(device):
-        return CONFIGS[1] if n <= 4096 else CONFIGS[2]
-    return CONFIGS[0]
+def config_for(k: int) -> tuple[int, int, int, int]:
+    return CONFIGS[0] if k <= 4096 else CONFIGS[1]
 
 
 def gemv(
@@ -120,7 +101,7 @@ def gemv(
     assert m <= MAX_ROWS and x.shape[1] == (2 * k if silu_mul else k), "x does not match the weight"
     assert w.stride(1) == 1 and x.stride(1) == 1, "the K dimension must be contiguous"
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps, num_stages = config or config_for(n, k, x.device)
+    block_n, block_k, num_warps, num_stages = config or config_for(k)
     on = pdl.enabled(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
