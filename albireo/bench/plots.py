@@ -24,10 +24,10 @@ def per_mode(record: dict) -> list[dict]:
 
 
 def latest(records: list[dict], workload: str, async_scheduling: bool) -> dict | None:
-    """The newest TP=1 H100 run of a workload in one mode (A/B runs with PDL or copy streams off, or
-    under a changed environment, do not count)."""
+    """The newest TP=1 H100 run of a workload in one mode (A/B runs with PDL, copy streams or the
+    matmul's residual add off, or under a changed environment, do not count)."""
     runs = [r for r in records if r.get("workload") == workload and r.get("tp", 1) == 1 and r.get("pdl", True)
-            and r.get("copy_streams", True) and "environment" not in r
+            and r.get("copy_streams", True) and r.get("gemm_residual", True) and "environment" not in r
             and r.get("device") == H100 and r.get("async_scheduling") == async_scheduling]
     return max(runs, key=lambda r: r["date"], default=None)
 
