@@ -43,7 +43,7 @@ WAVES = 2  # decode: aim for at least this many programs per SM before splitting
 
 @dataclass(frozen=True)
 class DecodeTiles:
-    """Launch shape of the decode kernel (bench/decode_attention.py sweeps it)."""
+    """Launch shape of the decode kernel (bench/attention_tiles.py sweeps it)."""
 
     kv_tile: int = KV_TILE
     warps: int = 4
@@ -52,13 +52,13 @@ class DecodeTiles:
 
 DECODE_TILES = DecodeTiles()
 # A batch too small to fill the GPU splits each context; there, shorter tiles gave more splits work:
-# a batch-1 decode over 256 keys took 5.5 us against 6.8 (8B, H100, bench/decode_attention.py).
+# a batch-1 decode over 256 keys took 5.5 us against 6.8 (8B, H100, bench/attention_tiles.py).
 SPLIT_DECODE_TILES = DecodeTiles(kv_tile=32)
 
 
 @dataclass(frozen=True)
 class PrefillTiles:
-    """Launch shape of the mixed path (bench/prefill_attention.py sweeps it)."""
+    """Launch shape of the mixed path (bench/attention_tiles.py sweeps it)."""
 
     rows: int = 64  # target rows (query tokens x group heads) per program
     kv_tile: int = KV_TILE
@@ -66,7 +66,7 @@ class PrefillTiles:
     stages: int = 2
 
 
-# By head dim, from bench/prefill_attention.py on an H100 (benchmarks/results/prefill-attention-*):
+# By head dim, from bench/attention_tiles.py on an H100 (benchmarks/results/prefill-attention-*):
 # at 128, tiles of 32 keys ran W2's prefill 8% faster than 64; at 64 the default was best.
 PREFILL_TILES = {128: PrefillTiles(kv_tile=32)}
 
