@@ -47,11 +47,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _gemm_adds_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether a matmul of x (not a one-row GEMV) by weight accumulates into the residual in place.
-    Not past GEMM_RESIDUAL_MAX_INNER input features: there cuBLAS picked slower kernels with beta = 1
+    """Whether a matmul of x (not a one-row GEMV) by weight accumulates into the residual in place:
+    at TP=1 only, where no rank's part is still to be summed. Not past GEMM_RESIDUAL_MAX_INNER input features: there cuBLAS picked slower kernels with beta = 1
     (llama-3.1-8b's down_proj, 14336 wide: 820 vs 717 us at 4096 rows on an H100), where the others
     ran up to 9% faster at prefill sizes (bench/gemm_residual.py, benchmarks/results/gemm-residual-*)."""
-    return (GEMM_RESIDUAL and kernels.fused_on(x) and x.dim() == 2 and x.shape[0] > 1 and x.dtype in _HALF
+    return (GEMM_RESIDUAL and tp_size() == 1 and kernels.fused_on(x) and x.dim() == 2 and x.shape[0] > 1 and x.dtype in _HALF
             and weight.shape[1] <= GEMM_RESIDUAL_MAX_INNER
             and residual is not None and residual.dtype == x.dtype and residual.is_contiguous())
 
@@ -172,7 +172,7 @@ class RowParallelLinear(nn.Module):
                 return rms_norm(mine, norm.weight, norm.eps, residual, addend=theirs)
             y = mine.add_(theirs)
         else:
-            if norm is not None and self.bias is None and tp_size() == 1 and _gemm_adds_residual(x, self.weight, residual):
+            if norm is not None and self.bias is None and _gemm_adds_residual(x, self.weight, residual):
                 # With nothing to sum over ranks, cuBLAS adds the product into the residual stream as
                 # it writes it (beta = 1): the norm then reads one tensor and writes one, not two each.
                 residual.addmm_(silu_and_mul(x) if silu_mul else x, self.weight.t())
