@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from albireo import LLM, SamplingParams
 from albireo.bench.throughput import random_prompts
-from albireo.profiling.worker_profile import ENV
+from albireo.profiling.worker_profile import ENV, TRACE_ENV
 
 
 def main() -> None:
@@ -44,6 +44,8 @@ def main() -> None:
         worker_table = os.path.join(tempfile.mkdtemp(), "rank0.txt")
         # +4: the warm-up request's steps come first.
         os.environ[ENV] = f"{args.skip_steps + 4}:{args.steps}:{worker_table}"
+        if args.trace:
+            os.environ[TRACE_ENV] = args.trace
     llm = LLM(args.model, load_format="dummy", max_model_len=2048, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, skip_tokenizer_init=True,
               tensor_parallel_size=args.tensor_parallel_size)

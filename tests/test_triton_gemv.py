@@ -8,7 +8,7 @@ import interpreter
 
 IN_PROCESS, interpreted, test_in_interpreter_subprocess = interpreter.kernel_test_module(__file__)
 if IN_PROCESS:
-    from albireo.kernels.triton_gemv import CONFIGS, gemv
+    from albireo.kernels.triton_gemv import CONFIGS, PushTarget, gemv
 
 
 def small(config):
@@ -50,3 +50,27 @@ def test_bf16_result_is_within_one_bf16_step_of_the_fp32_product():
 def test_more_rows_than_the_kernel_serves_are_refused():
     with pytest.raises(AssertionError):
         gemv(torch.randn(5, 64), torch.randn(8, 64))
+
+
+@interpreted
+def test_a_push_target_gets_the_product_in_this_ranks_slot_of_each_peers_current_round():
+    """Rank 1 of 3 in round 2 of 3: each peer's buffer gets the product in slot 1 of round 2, with a
+    -0.0 (the mark of an empty element) sent as +0.0; its own buffer and other slots stay empty."""
+    rounds_n, world, slot, rank = 3, 3, 40, 1
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(2, 64, generator=g).bfloat16(), torch.randn(16, 64, generator=g).bfloat16()
+    x[1] = 0.0
+    x[1, 1], w[5, 1] = 2.0**-70, -(2.0**-70)  # y[1, 5] = -2^-140, which rounds to bf16's -0.0
+    empty = torch.tensor(-0.0, dtype=torch.bfloat16).view(torch.int16)
+    buffers = [torch.full((rounds_n * world * slot,), -0.0, dtype=torch.bfloat16) for _ in range(world)]
+    peers = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    rounds = torch.tensor([2, 0], dtype=torch.int32)
+    y = gemv(x, w, config=small(CONFIGS[0]), push=PushTarget(peers, rounds, slot, rank))
+    assert y[1, 5].view(torch.int16) == empty
+    expected = torch.where(y == 0, 0.0, y).flatten().view(torch.int16)  # every zero as +0.0
+    at = (2 * world + rank) * slot
+    for r, buffer in enumerate(buffers):
+        bits = buffer.view(torch.int16)
+        written = bits[at : at + y.numel()]
+        assert torch.equal(written, expected if r != rank else torch.full_like(written, empty.item()))
+        assert (torch.cat([bits[:at], bits[at + y.numel() :]]) == empty).all()

@@ -55,6 +55,9 @@ def engine_facts(llm, args) -> dict:
         # Large all-reduces of two GPU ranks on the copy engines, switched off by ALBIREO_CE_ALL_REDUCE=0.
         "copy_engine_all_reduce": (config.device == "cuda" and config.parallel.tensor_parallel_size == 2
                                    and config.parallel.peer_memory and parallel_state.copy_engine_all_reduce_on),
+        # Batch-1 GEMVs sending their all-reduce part themselves (TP > 1), ALBIREO_GEMV_PUSH=0 off.
+        "gemv_push": (config.device == "cuda" and config.fused_kernels and linear.GEMV_PUSH
+                      and config.parallel.tensor_parallel_size > 1 and config.parallel.peer_memory),
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,

@@ -33,6 +33,7 @@ class SymmMemAllReduce:
 
         # Imported here: Triton must not load in processes that may yet turn its interpreter on.
         from albireo.kernels import triton_all_reduce
+        from albireo.kernels.triton_gemv import PushTarget
 
         self.kernels = triton_all_reduce
 
@@ -55,6 +56,7 @@ class SymmMemAllReduce:
         self.exchange = exchange  # held: the peers' copies of `peers` point into it
         self.peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
         self.rounds = torch.zeros(2, dtype=torch.int32, device=device)
+        self.push_target = PushTarget(self.peers, self.rounds, self.one_shot_max_numel, self.rank)
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether one of the two kernels sums x; the caller sends the rest to NCCL."""
@@ -80,7 +82,8 @@ class SymmMemAllReduce:
         return x
 
     def push(self, x: torch.Tensor, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-             eps: float = 0.0):
-        """The one-shot sum (x must fit it); with residual and weight, fused with add and RMSNorm."""
+             eps: float = 0.0, pushed: bool = False):
+        """The one-shot sum (x must fit it); with residual and weight, fused with add and RMSNorm.
+        pushed: the GEMV that wrote x already sent it to the peers (through `push_target`)."""
         return self.kernels.push_all_reduce(x, self.peers, self.rounds, self.one_shot_max_numel, self.rank,
-                                            residual, weight, eps)
+                                            residual, weight, eps, pushed=pushed)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from albireo.kernels import pdl, sm_count
 from albireo.kernels.triton_fused import MAX_NORM_BLOCK, norm_num_warps, rms_normalize
+from albireo.kernels.triton_gemv import MAX_ROWS
 
 ROUNDS = 3
 
@@ -58,8 +59,8 @@ def _push_all_reduce_kernel(
     HAS_NORM: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
+    PUSHED: tl.constexpr,
 ):
-    pdl.wait_for_previous(PDL)
     first = tl.program_id(0)
     step = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
@@ -69,21 +70,34 @@ def _push_all_reduce_kernel(
         empty = tl.full([BLOCK], -2147483648, tl.int32).to(dtype, bitcast=True)
     else:
         empty = tl.full([BLOCK], -32768, tl.int16).to(dtype, bitcast=True)
-    turn = tl.load(round_ptr)
+    if HAS_NORM:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if PUSHED:
+        # The GEMV before this kernel sent x itself, and wrote neither the round nor the residual:
+        # kernels before it did, which had finished when it let this kernel launch. Both are read
+        # before the wait for the GEMV, off the chain's critical path. A pushed call has one row a
+        # program (at most MAX_ROWS rows).
+        turn = tl.load(round_ptr)
+        if HAS_NORM:
+            r_first = tl.load(res_ptr + first * N + cols, mask=mask, other=0.0)
+    pdl.wait_for_previous(PDL)
+    if not PUSHED:
+        turn = tl.load(round_ptr)
     round_base = turn.to(tl.int64) * WORLD * slot_numel + cols
 
     # Every row this program owns goes out before it waits for any: a program never waits on a
     # peer's program that cannot run, as long as all programs fit on the GPU at once (the grid is
-    # at most two per SM, each of at most eight warps).
-    for row in range(first, rows, step):
-        at = row * N  # < slot_numel: fits int32
-        x = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
-        x = tl.where(_empty(x, WIDE), 0.0, x).to(dtype)
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
-                buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
-                tl.store(buffer + round_base + RANK * slot_numel + at, x, mask=mask)
+    # at most two per SM, each of at most eight warps). PUSHED: the kernel that wrote x sent it.
+    if not PUSHED:
+        for row in range(first, rows, step):
+            at = row * N  # < slot_numel: fits int32
+            x = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+            x = tl.where(_empty(x, WIDE), 0.0, x).to(dtype)
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
+                    buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
+                    tl.store(buffer + round_base + RANK * slot_numel + at, x, mask=mask)
 
     own = tl.multiple_of(tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype)), 16)
     for row in range(first, rows, step):
@@ -101,15 +115,21 @@ def _push_all_reduce_kernel(
             total += v.to(tl.float32)
         s = total.to(dtype)
         if HAS_NORM:
-            r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
+            if PUSHED:
+                r = r_first
+            else:
+                r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
             s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
             tl.store(res_ptr + at + cols, s, mask=mask)
-            s = rms_normalize(s, w_ptr, cols, mask, N, eps)
+            s = rms_normalize(s, w, N, eps)
         tl.store(out_ptr + at + cols, s.to(out_ptr.dtype.element_ty), mask=mask)
 
     # The last program to finish moves this rank on to the next round; every program read the
-    # round before it arrived here, and the next call starts only after this kernel has ended.
-    if tl.atomic_add(round_ptr + 1, 1) == step - 1:
+    # round before it arrived here, and the next call starts only after this kernel has ended. A
+    # lone program (a batch-1 step's) needs no count, and no atomic's round trip at its end.
+    if step == 1:
+        tl.store(round_ptr, (turn + 1) % ROUNDS)
+    elif tl.atomic_add(round_ptr + 1, 1) == step - 1:
         tl.store(round_ptr + 1, 0)
         tl.store(round_ptr, (turn + 1) % ROUNDS)
 
@@ -130,6 +150,7 @@ def push_all_reduce(
     weight: torch.Tensor | None = None,
     eps: float = 0.0,
     max_programs: int | None = None,
+    pushed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The sum of x over the ranks, in place in x; with a residual and a norm weight, instead
     (rms_norm(sum + residual), sum + residual), the second written into the residual in place.
@@ -141,7 +162,13 @@ def push_all_reduce(
     by default as many as surely fit on the GPU at once (every program must be resident while it
     waits): two per SM for programs of up to eight warps (rows of up to 4096), one otherwise. Two per
     SM took 512 rows of 4096 in 17.4 us against 19.4 with one (two H200s, 64 calls in a graph).
+
+    pushed: the kernel that wrote x already sent it into the peers' buffers for this round (the
+    GEMV's `PushTarget`), so this kernel only waits for theirs and sums; x has at most MAX_ROWS
+    rows, and that kernel must be the one launched just before this one.
     """
+    if pushed:
+        assert x.numel() // x.shape[-1] <= MAX_ROWS, "a pushed call has one row a program"
     n = x.shape[-1]
     rows = x.numel() // n
     block = triton.next_power_of_2(n)
@@ -154,6 +181,6 @@ def push_all_reduce(
     _push_all_reduce_kernel[(min(rows, max_programs),)](
         x, out, residual if has_norm else x, weight if has_norm else x, peers, rounds, rows, slot_numel, n, eps,
         RANK=rank, WORLD=peers.numel(), ROUNDS=ROUNDS, WIDE=x.element_size() == 4, HAS_NORM=has_norm,
-        BLOCK=block, PDL=on, num_warps=warps, launch_pdl=on,
+        BLOCK=block, PDL=on, PUSHED=pushed, num_warps=warps, launch_pdl=on,
     )
     return (out, residual) if has_norm else out

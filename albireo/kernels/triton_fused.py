@@ -65,12 +65,13 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     pdl.wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     a = row // B
     b = row % B
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
 
     x = tl.load(x_ptr + a * x_sa + b * x_sb + cols, mask=mask, other=0.0)
     if HAS_ADDEND:
@@ -85,20 +86,20 @@ def _rms_norm_kernel(
     else:
         s = x
 
-    tl.store(out_ptr + row * N + cols, rms_normalize(s, w_ptr, cols, mask, N, eps).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(out_ptr + row * N + cols, rms_normalize(s, w, N, eps).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def rms_normalize(s, w_ptr, cols, mask, N, eps):
-    """weight * norm(s) of one row, in float32 for the caller to round to its output dtype."""
+def rms_normalize(s, w, N, eps):
+    """w * norm(s) of one row (w: the norm weight's values), in float32 for the caller to round
+    to its output dtype. Callers load w before they wait on the kernel before them: no kernel
+    writes a weight."""
     h = s.to(tl.float32)
     var = tl.sum(h * h, axis=0) / N
     rstd = tl.rsqrt(var + eps)
     # torch: h.to(x.dtype), then weight * that (in the promoted dtype of weight and x).
     normed = (h * rstd).to(s.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    return normed * w
+    return normed * w.to(tl.float32)
 
 
 def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:

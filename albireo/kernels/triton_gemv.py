@@ -11,9 +11,17 @@ BLOCK_K] float32 partial sum that is reduced once at the end: the loop body is l
 multiply-adds with no cross-lane reduction, and no split-K pass follows. With SILU_MUL the input
 row is a fused gate_up output [gate | up] and the kernel computes silu(gate) * up as it reads it
 (rounded where torch rounds), which saves the down projection a separate activation kernel.
+
+Under TP a row-parallel projection's output is one rank's part of a sum. Given a `PushTarget`, the
+kernel also writes its outputs into every peer's exchange buffer of the one-shot all-reduce
+(`albireo/kernels/triton_all_reduce.py`) as each program finishes, so the values cross NVLink
+while the last programs still stream weights, and the all-reduce kernel after it only waits for
+what its peers pushed (an H200 pair spent ~6 us a call from the GEMV's end to the sum's at batch 1).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -21,7 +29,18 @@ import triton.language as tl
 
 from albireo.kernels import pdl
 
-__all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS"]
+__all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS", "PushTarget"]
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a rank's part of a one-shot all-reduce goes: the exchange buffers' addresses (int64
+    [world]), this rank's round counter (int32 [2]), a slot's size in elements, and the rank."""
+
+    peers: torch.Tensor
+    rounds: torch.Tensor
+    slot_numel: int
+    rank: int
 
 # The measurement covered up to 4 rows; past that a tensor-core GEMM reuses each weight tile.
 MAX_ROWS = 4
@@ -59,8 +78,9 @@ def _accumulate(acc, w, x_ptr, rows, row_ok, ks, k_ok, K, stride_xm, SILU_MUL: t
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    peers_ptr, round_ptr, slot_numel,
     SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -80,9 +100,23 @@ def _gemv_kernel(
         k_ok = ks < K
         w = tl.load(w_ptr + cols[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _accumulate(acc, w, x_ptr, rows, row_ok, ks, k_ok, K, stride_xm, SILU_MUL)
-    y = tl.sum(acc, axis=2)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    y = tl.sum(acc, axis=2).to(y_ptr.dtype.element_ty)
+    y_ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y, mask=y_ok)
+    if PUSH:
+        # Slot RANK of this round in every peer's buffer, laid out as y [M, N]; -0.0 marks an
+        # empty element there, so it goes as +0.0 (the same summand). The round was last moved by
+        # an all-reduce kernel that finished before this kernel's wait above returned.
+        if WIDE:
+            y = tl.where(y.to(tl.int32, bitcast=True) == -2147483648, 0.0, y).to(y.dtype)
+        else:
+            y = tl.where(y.to(tl.int16, bitcast=True) == -32768, 0.0, y).to(y.dtype)
+        turn = tl.load(round_ptr)
+        at = turn.to(tl.int64) * WORLD * slot_numel + RANK * slot_numel + rows[:, None] * N + cols[None, :]
+        for peer in tl.static_range(WORLD):
+            if peer != RANK:
+                buffer = tl.load(peers_ptr + peer).to(tl.pointer_type(y_ptr.dtype.element_ty))
+                tl.store(buffer + at, y, mask=y_ok)
 
 
 def config_for(k: int) -> tuple[int, int, int, int]:
@@ -90,22 +124,30 @@ def config_for(k: int) -> tuple[int, int, int, int]:
 
 
 def gemv(
-    x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False, config: tuple[int, int, int, int] | None = None
+    x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False, config: tuple[int, int, int, int] | None = None,
+    out: torch.Tensor | None = None, push: PushTarget | None = None,
 ) -> torch.Tensor:
-    """x [M, K] with M <= MAX_ROWS, w [N, K] -> x @ w.T, [M, N] in x's dtype.
+    """x [M, K] with M <= MAX_ROWS, w [N, K] -> x @ w.T, [M, N] in x's dtype (into `out` if given).
 
-    With silu_mul, x is [M, 2K] holding [gate | up] and the product is silu(gate) * up @ w.T.
+    With silu_mul, x is [M, 2K] holding [gate | up] and the product is silu(gate) * up @ w.T. With
+    `push`, the product also goes into this rank's slot in every peer's one-shot exchange buffer:
+    the all-reduce that sums it must then be told so (`push_all_reduce(..., pushed=True)`).
     """
     m = x.shape[0]
     n, k = w.shape
     assert m <= MAX_ROWS and x.shape[1] == (2 * k if silu_mul else k), "x does not match the weight"
     assert w.stride(1) == 1 and x.stride(1) == 1, "the K dimension must be contiguous"
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    assert y.shape == (m, n) and y.dtype == x.dtype and y.is_contiguous(), "out must be a contiguous [M, N] of x's dtype"
+    assert push is None or m * n <= push.slot_numel, "the product does not fit an exchange slot"
     block_n, block_k, num_warps, num_stages = config or config_for(k)
     on = pdl.enabled(x)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+        *((push.peers, push.rounds, push.slot_numel) if push is not None else (y, y, 0)),
         SILU_MUL=silu_mul, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, PDL=on,
+        PUSH=push is not None, RANK=push.rank if push is not None else 0,
+        WORLD=push.peers.numel() if push is not None else 1, WIDE=x.element_size() == 4,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=on,
     )
     return y

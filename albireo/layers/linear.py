@@ -19,6 +19,7 @@ from albireo.distributed.parallel_state import (
     tp_all_reduce,
     tp_all_reduce_rms_norm,
     tp_copy_engine_all_reduce,
+    tp_one_shot_rms_norm,
     tp_rank,
     tp_size,
 )
@@ -28,15 +29,20 @@ _HALF = (torch.bfloat16, torch.float16)
 # A/B switch for the residual add inside the matmul (RowParallelLinear at TP=1): ALBIREO_GEMM_RESIDUAL=0.
 GEMM_RESIDUAL = os.environ.get("ALBIREO_GEMM_RESIDUAL", "1") != "0"
 GEMM_RESIDUAL_MAX_INNER = 8192
+# A/B switch for the batch-1 GEMV that sends its part of the all-reduce itself (under TP): ALBIREO_GEMV_PUSH=0.
+GEMV_PUSH = os.environ.get("ALBIREO_GEMV_PUSH", "1") != "0"
+
+
+def _gemv_takes(x: torch.Tensor) -> bool:
+    """A single half-precision row on CUDA (a batch-1 decode step): the Triton GEMV streams the
+    weight faster than cuBLAS at one row and applies silu_mul as it reads x."""
+    return kernels.fused_on(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _HALF
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x W^T + b. With silu_mul, x is a fused [gate | up] and the product is silu(gate) * up W^T.
-
-    A single half-precision row on CUDA (a batch-1 decode step) goes through the Triton GEMV,
-    which streams the weight faster than cuBLAS at one row and applies silu_mul as it reads x.
-    """
-    if kernels.fused_on(x) and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _HALF:
+    One row goes through the Triton GEMV (`_gemv_takes`)."""
+    if _gemv_takes(x):
         from albireo.kernels.triton_gemv import gemv
 
         y = gemv(x, weight, silu_mul)
@@ -177,6 +183,16 @@ class RowParallelLinear(nn.Module):
                 # it writes it (beta = 1): the norm then reads one tensor and writes one, not two each.
                 residual.addmm_(silu_and_mul(x) if silu_mul else x, self.weight.t())
                 return norm(residual), residual
+            if norm is not None and self.bias is None and GEMV_PUSH and _gemv_takes(x):
+                y = torch.empty(1, self.weight.shape[0], dtype=x.dtype, device=x.device)
+                symm = tp_one_shot_rms_norm(y, residual)
+                if symm is not None:
+                    # The GEMV sends its part to the peers as its programs finish; the kernel after
+                    # it only waits for theirs, adds, and normalizes.
+                    from albireo.kernels.triton_gemv import gemv
+
+                    gemv(x, self.weight, silu_mul, out=y, push=symm.push_target)
+                    return symm.push(y, residual, norm.weight, norm.eps, pushed=True)
             y = linear(x, self.weight, silu_mul=silu_mul)
             if norm is not None and self.bias is None:
                 fused = tp_all_reduce_rms_norm(y, residual, norm.weight, norm.eps)

@@ -2,7 +2,7 @@
 
 Set ALBIREO_PROFILE_WORKER="SKIP:STEPS:PATH" before the engine starts: rank 0 skips SKIP launched
 steps, profiles the next STEPS, and writes the kernel table to PATH (bench/profile_steps.py
---tensor-parallel-size does this).
+--tensor-parallel-size does this), and the Chrome trace to ALBIREO_PROFILE_WORKER_TRACE if set.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 ENV = "ALBIREO_PROFILE_WORKER"
+TRACE_ENV = "ALBIREO_PROFILE_WORKER_TRACE"
 
 
 class WorkerProfiler:
-    def __init__(self, skip: int, steps: int, path: str) -> None:
-        self.skip, self.steps, self.path = skip, steps, path
+    def __init__(self, skip: int, steps: int, path: str, trace: str | None = None) -> None:
+        self.skip, self.steps, self.path, self.trace = skip, steps, path, trace
         self.seen = 0
         self.prof: profile | None = None
 
@@ -27,7 +28,7 @@ class WorkerProfiler:
         if not spec or rank != 0:
             return None
         skip, steps, path = spec.split(":", 2)
-        return cls(int(skip), int(steps), path)
+        return cls(int(skip), int(steps), path, os.environ.get(TRACE_ENV) or None)
 
     def before_step(self) -> None:
         """Called before each step is launched."""
@@ -41,6 +42,8 @@ class WorkerProfiler:
             if on_gpu:
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
+            if self.trace:
+                self.prof.export_chrome_trace(self.trace)
             events = self.prof.key_averages()
             sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
             device_ms = sum(e.self_device_time_total for e in events) / 1e3 / self.steps

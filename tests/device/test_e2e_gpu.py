@@ -249,6 +249,27 @@ def test_tp2_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_m
     assert tp2 == tp1
 
 
+def test_tp2_batch_1_gemvs_sending_their_all_reduce_part_give_the_same_tokens(tiny_model, monkeypatch):
+    """bf16 requests one at a time (the GEMV path) at TP=2: the GEMVs that push their part to the
+    peer give the tokens of the push kernel sending it (the workers read the switch when they start)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    path = tiny_model("llama")
+    prompts = random_prompts(3, seed=15)
+    runs = []
+    for on in ("1", "0"):
+        monkeypatch.setenv("ALBIREO_GEMV_PUSH", on)
+        llm = LLM(path, dtype="bfloat16", tensor_parallel_size=2, gpu_memory_utilization=0.3)
+        try:
+            runs.append([llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts])
+        finally:
+            llm.engine.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert runs[0] == runs[1]
+
+
 def test_host_kv_tier_on_the_gpu_gives_the_same_tokens(tiny_model):
     """Saves and layer-by-layer loads on the copy stream, forward waiting per layer, CUDA graphs on."""
     from test_engine_equivalence import run_chats

@@ -168,3 +168,63 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_copy_engine_all_reduce_equals_nccl_through_the_layer_and_its_norm(dtype):
     assert run_ranks(_copy_engine_layers, 2, dtype) == 0.0
+
+
+def _gemv_push(rank, world, port, queue):
+    """A row-parallel layer at one row (the batch-1 GEMV, which sends its product to the peers
+    itself, with and without silu_mul), through its norm, eagerly and as a CUDA graph replayed
+    between eager calls, against the GEMV's product summed by NCCL and normalized."""
+    import torch.distributed as dist
+
+    from albireo.kernels.triton_gemv import gemv
+    from albireo.layers import linear
+    from albireo.layers.linear import RowParallelLinear
+    from albireo.layers.norm import RMSNorm
+
+    ps = _join(rank, world, port, torch.bfloat16)
+    assert linear.GEMV_PUSH
+    layer = RowParallelLinear(2 * 1024, 4096).to("cuda", torch.bfloat16)
+    layer.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(rank))
+    norm = RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16)
+    norm.weight.data.normal_(1.0, 0.1, generator=torch.Generator(device="cuda").manual_seed(0))
+    g = torch.Generator(device="cuda").manual_seed(rank)
+    residual_g = torch.Generator(device="cuda").manual_seed(1)  # the same residual on every rank
+
+    def inputs(silu_mul):
+        x = torch.randn(1, 2048 if silu_mul else 1024, device="cuda", dtype=torch.bfloat16, generator=g)
+        return x, torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16, generator=residual_g)
+
+    def expected(x, residual, silu_mul):
+        y = gemv(x, layer.weight, silu_mul)
+        dist.all_reduce(y)
+        return norm(y, residual.clone())
+
+    mismatches = 0
+    for silu_mul in (False, True, False):
+        x, residual = inputs(silu_mul)
+        want_out, want_residual = expected(x, residual, silu_mul)
+        got_out, got_residual = layer(x, silu_mul=silu_mul, residual=residual.clone(), norm=norm)
+        mismatches += int(not torch.equal(got_out, want_out)) + int(not torch.equal(got_residual, want_residual))
+    static_x, static_residual = inputs(False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_out, _ = layer(static_x, residual=static_residual, norm=norm)
+    for step in range(20):
+        x, residual = inputs(False)
+        want_out, want_residual = expected(x, residual, False)
+        static_x.copy_(x)
+        static_residual.copy_(residual)
+        graph.replay()
+        mismatches += int(not torch.equal(static_out, want_out)) + int(not torch.equal(static_residual, want_residual))
+        if step % 3 == 0:  # an eager all-reduce between replays moves the round on
+            eager = torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=g)
+            want = eager.clone()
+            dist.all_reduce(want)
+            mismatches += int(not torch.equal(ps.tp_all_reduce(eager), want))
+    dist.barrier()
+    if rank == 0:
+        queue.put(mismatches)
+
+
+def test_batch_1_gemv_sending_its_part_itself_equals_nccl_then_norm():
+    assert run_ranks(_gemv_push, 2) == 0
