@@ -183,7 +183,7 @@ class RowParallelLinear(nn.Module):
                 # it writes it (beta = 1): the norm then reads one tensor and writes one, not two each.
                 residual.addmm_(silu_and_mul(x) if silu_mul else x, self.weight.t())
                 return norm(residual), residual
-            if norm is not None and self.bias is None and GEMV_PUSH and _gemv_takes(x):
+            if norm is not None and self.bias is None and GEMV_PUSH and tp_size() > 1 and _gemv_takes(x):
                 y = torch.empty(1, self.weight.shape[0], dtype=x.dtype, device=x.device)
                 symm = tp_one_shot_rms_norm(y, residual)
                 if symm is not None:
