@@ -20,6 +20,8 @@ def load_kernels(path: str) -> list[dict]:
     with opener(path, "rt") as f:
         events = json.load(f)["traceEvents"]
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not kernels:
+        raise SystemExit(f"{path}: no GPU kernels in the trace (was it recorded with CUDA activity?)")
     by_stream = collections.Counter(e["args"].get("stream") for e in kernels)
     busiest = by_stream.most_common(1)[0][0]
     return sorted((e for e in kernels if e["args"].get("stream") == busiest), key=lambda e: e["ts"])

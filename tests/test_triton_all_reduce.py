@@ -1,5 +1,6 @@
 """The one-shot push all-reduce kernel, on CPU: three processes stand in for three GPUs, each running
-the kernel in Triton's interpreter over exchange buffers in shared memory."""
+the kernel in Triton's interpreter over exchange buffers in shared memory. Some calls take their
+rows from a GEMV that pushed them into the peers' slots itself (the batch-1 path)."""
 
 import os
 
@@ -12,10 +13,19 @@ import interpreter
 interpreter.require_triton()
 
 WORLD, ROWS, HIDDEN, EPS = 3, 3, 64, 1e-5
-# (fused with add + RMSNorm, programs): more calls than rounds, so buffers are reused; some with
-# fewer programs than rows, so a program pushes all its rows before it waits for any.
-CALLS = [(False, None), (True, None), (False, 2), (True, 1), (False, None)]
+GEMV_K = 8  # a pushing GEMV's rows are one-hot over its K: its products are exact weight columns
+# (kind, programs), kind "sum", "fused" (with add + RMSNorm) or "pushed" (a pushing GEMV, then the
+# fused call told so): more calls than rounds, so buffers are reused; some with fewer programs than
+# rows, so a program pushes all its rows before it waits for any.
+CALLS = [("sum", None), ("fused", None), ("pushed", None), ("sum", 2), ("fused", 1), ("pushed", None),
+         ("sum", None)]
 EMPTY = {torch.float32: (torch.int32, -(2**31)), torch.bfloat16: (torch.int16, -(2**15))}
+
+
+def _one_hot_rows(dtype):
+    x = torch.zeros(ROWS, GEMV_K, dtype=dtype)
+    x[torch.arange(ROWS), torch.arange(ROWS) % GEMV_K] = 1.0
+    return x
 
 
 def _rank(rank, exchanges, rounds, inputs, residuals, weight, outputs):
@@ -24,16 +34,22 @@ def _rank(rank, exchanges, rounds, inputs, residuals, weight, outputs):
 
     assert interpreter.enable()
     from albireo.kernels.triton_all_reduce import ROUNDS, push_all_reduce
+    from albireo.kernels.triton_gemv import PushTarget, gemv
 
     slot_numel = exchanges[0].numel() // (ROUNDS * WORLD)
     peers = torch.tensor([e.data_ptr() for e in exchanges], dtype=torch.int64)
-    for call, (fused, programs) in enumerate(CALLS):
+    for call, (kind, programs) in enumerate(CALLS):
         x = inputs[rank][call].clone()
-        if fused:
-            out, _ = push_all_reduce(x, peers, rounds[rank], slot_numel, rank, residuals[rank][call], weight, EPS,
-                                     max_programs=programs)
-        else:
+        if kind == "pushed":
+            # A weight whose product with the one-hot rows is this call's input x, exactly.
+            gemv_weight = torch.zeros(HIDDEN, GEMV_K, dtype=x.dtype)
+            gemv_weight[:, torch.arange(ROWS) % GEMV_K] = x.t()
+            x = gemv(_one_hot_rows(x.dtype), gemv_weight, push=PushTarget(peers, rounds[rank], slot_numel, rank))
+        if kind == "sum":
             out = push_all_reduce(x, peers, rounds[rank], slot_numel, rank, max_programs=programs)
+        else:
+            out, _ = push_all_reduce(x, peers, rounds[rank], slot_numel, rank, residuals[rank][call], weight, EPS,
+                                     max_programs=programs, pushed=kind == "pushed")
         outputs[rank][call].copy_(out)
 
 
@@ -76,19 +92,21 @@ def _assert_equal(run, got, expected):
 
 
 def test_every_rank_gets_the_sum_of_all_ranks_rows_in_rank_order(run):
-    for call, (fused, _) in enumerate(CALLS):
-        if not fused:
+    for call, (kind, _) in enumerate(CALLS):
+        if kind == "sum":
             for rank in range(WORLD):
                 _assert_equal(run, run["outputs"][rank][call], run["sums"][call])
 
 
 def test_fused_call_adds_the_residual_in_place_and_returns_its_rms_norm(run):
+    """Also where a pushing GEMV sent the rows: each rank's own row is its product, each peer's
+    arrives in its slot, and the residual row read before the wait is the row's own."""
     from albireo.layers.norm import RMSNorm
 
     norm = RMSNorm(HIDDEN, EPS).to(run["dtype"])
     norm.weight.data.copy_(run["weight"])
-    for call, (fused, _) in enumerate(CALLS):
-        if fused:
+    for call, (kind, _) in enumerate(CALLS):
+        if kind != "sum":
             added = (run["sums"][call].float() + run["residual"][call].float()).to(run["dtype"])
             for rank in range(WORLD):
                 _assert_equal(run, run["residuals"][rank][call], added)

@@ -56,9 +56,10 @@ def test_more_rows_than_the_kernel_serves_are_refused():
 def test_a_push_target_gets_the_product_in_this_ranks_slot_of_each_peers_current_round():
     """Rank 1 of 3 in round 2 of 3: each peer's buffer gets the product in slot 1 of round 2, with a
     -0.0 (the mark of an empty element) sent as +0.0; its own buffer and other slots stay empty."""
-    rounds_n, world, slot, rank = 3, 3, 40, 1
+    rounds_n, world, slot, rank = 3, 3, 48, 1
     g = torch.Generator().manual_seed(7)
-    x, w = torch.randn(2, 64, generator=g).bfloat16(), torch.randn(16, 64, generator=g).bfloat16()
+    # 3 rows and 15 outputs: the tiles' row and column masks both cut.
+    x, w = torch.randn(3, 64, generator=g).bfloat16(), torch.randn(15, 64, generator=g).bfloat16()
     x[1] = 0.0
     x[1, 1], w[5, 1] = 2.0**-70, -(2.0**-70)  # y[1, 5] = -2^-140, which rounds to bf16's -0.0
     empty = torch.tensor(-0.0, dtype=torch.bfloat16).view(torch.int16)

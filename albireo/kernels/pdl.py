@@ -8,7 +8,10 @@ work. Each kernel of the chain therefore calls `wait_for_previous` before it tou
 earlier kernel may write: it waits until the previous grid has finished (and its writes are
 visible), and only then lets its own successor launch, so at most two grids are ever resident and
 every kernel still reads and writes strictly after the one before it. What no kernel writes may be
-read before the wait (the GEMV's first weight tile is).
+read before the wait (the GEMV's first weight tile is), and so may what only kernels before the
+previous one wrote: a kernel lets its successor launch only after its own wait has returned, so
+when a kernel starts, every kernel but the one just before it has finished (the all-reduce after a
+pushing GEMV reads the round and the residual early on that ground). Keep the trigger after the wait.
 """
 
 from __future__ import annotations

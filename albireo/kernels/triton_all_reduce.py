@@ -7,12 +7,15 @@ rank r writes its partial sums (any -0.0 turned into +0.0, which sums the same) 
 current round in every peer's buffer, then polls its own buffer's slots of the peers until no
 element is -0.0 any more, adds them and its own partial sums (read in place) in rank order and
 writes -0.0 back behind it. Since each element is written once per round, "not -0.0" means "this
-peer's value arrived": no flags, no barrier, one launch.
+peer's value arrived": no flags, no barrier, one launch. At batch 1 the row-parallel GEMV writes its
+product into the peers' slots itself (`albireo.kernels.triton_gemv.PushTarget`), as its programs
+finish, and this kernel is told so (`pushed`): it only waits and sums.
 
 The round lives in device memory (a counter the call's last program advances), not in Python, so a
 CUDA graph replays the right round whatever number of calls it captured. Reusing a round's buffer
 is safe: a peer writes it again only three calls later, after it has read this rank's values of the
-two calls in between, which this rank wrote only after it finished reading (and emptying) this one.
+two calls in between, which this rank wrote only after it finished reading (and emptying) this one
+(a pushing GEMV writes after its PDL wait, so after the all-reduce before it has ended).
 
 With a residual and a norm weight, the sum goes straight on into the residual add and the RMSNorm
 that follow a row-parallel layer (as `albireo.kernels.triton_fused.rms_norm`, same roundings).
@@ -26,7 +29,6 @@ import triton.language as tl
 
 from albireo.kernels import pdl, sm_count
 from albireo.kernels.triton_fused import MAX_NORM_BLOCK, norm_num_warps, rms_normalize
-from albireo.kernels.triton_gemv import MAX_ROWS
 
 ROUNDS = 3
 
@@ -71,15 +73,15 @@ def _push_all_reduce_kernel(
     else:
         empty = tl.full([BLOCK], -32768, tl.int16).to(dtype, bitcast=True)
     if HAS_NORM:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # no kernel writes a weight: read before the wait
     if PUSHED:
         # The GEMV before this kernel sent x itself, and wrote neither the round nor the residual:
-        # kernels before it did, which had finished when it let this kernel launch. Both are read
-        # before the wait for the GEMV, off the chain's critical path. A pushed call has one row a
-        # program (at most MAX_ROWS rows).
+        # kernels before it did, and they had finished when the GEMV let this kernel launch (it does
+        # so only once its own wait has returned, `pdl.wait_for_previous`). So both are read before
+        # the wait for the GEMV, off the chain's critical path. A pushed call has one row a program.
         turn = tl.load(round_ptr)
         if HAS_NORM:
-            r_first = tl.load(res_ptr + first * N + cols, mask=mask, other=0.0)
+            residual_row = tl.load(res_ptr + first * N + cols, mask=mask, other=0.0)
     pdl.wait_for_previous(PDL)
     if not PUSHED:
         turn = tl.load(round_ptr)
@@ -116,7 +118,7 @@ def _push_all_reduce_kernel(
         s = total.to(dtype)
         if HAS_NORM:
             if PUSHED:
-                r = r_first
+                r = residual_row
             else:
                 r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
             s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
@@ -164,11 +166,9 @@ def push_all_reduce(
     SM took 512 rows of 4096 in 17.4 us against 19.4 with one (two H200s, 64 calls in a graph).
 
     pushed: the kernel that wrote x already sent it into the peers' buffers for this round (the
-    GEMV's `PushTarget`), so this kernel only waits for theirs and sums; x has at most MAX_ROWS
-    rows, and that kernel must be the one launched just before this one.
+    GEMV's `PushTarget`), so this kernel only waits for theirs and sums. That kernel must be the
+    one launched just before this one, and the grid must give every row a program of its own.
     """
-    if pushed:
-        assert x.numel() // x.shape[-1] <= MAX_ROWS, "a pushed call has one row a program"
     n = x.shape[-1]
     rows = x.numel() // n
     block = triton.next_power_of_2(n)
@@ -178,6 +178,7 @@ def push_all_reduce(
     warps = norm_num_warps(block)
     if max_programs is None:
         max_programs = sm_count(x.device) * (2 if warps <= 8 else 1)
+    assert not pushed or rows <= max_programs, "a pushed call needs a program for every row"
     _push_all_reduce_kernel[(min(rows, max_programs),)](
         x, out, residual if has_norm else x, weight if has_norm else x, peers, rounds, rows, slot_numel, n, eps,
         RANK=rank, WORLD=peers.numel(), ROUNDS=ROUNDS, WIDE=x.element_size() == 4, HAS_NORM=has_norm,

@@ -67,7 +67,7 @@ def _rms_norm_kernel(
 ):
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # no kernel writes a weight: read before the wait
     pdl.wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     a = row // B
@@ -92,8 +92,7 @@ def _rms_norm_kernel(
 @triton.jit
 def rms_normalize(s, w, N, eps):
     """w * norm(s) of one row (w: the norm weight's values), in float32 for the caller to round
-    to its output dtype. Callers load w before they wait on the kernel before them: no kernel
-    writes a weight."""
+    to its output dtype."""
     h = s.to(tl.float32)
     var = tl.sum(h * h, axis=0) / N
     rstd = tl.rsqrt(var + eps)

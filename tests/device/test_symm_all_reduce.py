@@ -182,7 +182,8 @@ def _gemv_push(rank, world, port, queue):
     from albireo.layers.norm import RMSNorm
 
     ps = _join(rank, world, port, torch.bfloat16)
-    assert linear.GEMV_PUSH
+    probe = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
+    assert linear.GEMV_PUSH and ps.tp_one_shot_rms_norm(probe, probe.clone()) is not None, "not the pushing path"
     layer = RowParallelLinear(2 * 1024, 4096).to("cuda", torch.bfloat16)
     layer.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(rank))
     norm = RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16)
