@@ -8,7 +8,8 @@
 #   headline:    W3, then W2 on llama-3.1-8b with async scheduling, at each degree (issue 4's ratios)
 #   w2-32b:      W2 on qwen2.5-32b at each degree, async on and off (TP=1 with 200 prompts: its KV
 #                pool holds few sequences next to 64 GB of weights)
-#   profile:     kernel tables of a W3 decode step at TP=1 and TP=2 (where TP=2's extra time goes)
+#   profile:     kernel tables of W3 decode steps at TP=1 and TP=2, and each kernel's share of the
+#                chain (bench/critical_path.py on the traces: where TP=2's extra time goes)
 #   extra:       the W5 amdahl breakdown, sequence-parallel sampling on GPUs
 # Each W2/W3 run writes a record with its per-step breakdown (--profile-steps) and energy.
 set -uo pipefail
@@ -49,7 +50,9 @@ case $stage in
   profile)
     for t in 1 2; do
       run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts 1 --input-len 128 \
-        --output-len 64 --max-num-seqs 8 --tensor-parallel-size "$t" --out "$out/prof_w3_tp$t.txt"
+        --output-len 64 --max-num-seqs 8 --skip-steps 10 --steps 30 --tensor-parallel-size "$t" \
+        --out "$out/prof_w3_tp$t.txt" --trace "$out/w3_tp$t.json.gz"
+      python3 bench/critical_path.py "$out/w3_tp$t.json.gz" --steps 30 | tee "$out/critical_path_w3_tp$t.txt"
     done ;;
   extra)
     bash bench/run_workloads.sh "$out" W5-amdahl
