@@ -42,6 +42,13 @@ def _empty(v, WIDE: tl.constexpr):
         return v.to(tl.int16, bitcast=True) == -32768
 
 
+@triton.jit
+def as_summand(v, WIDE: tl.constexpr):
+    """v as it may go into an exchange slot: any -0.0, which would read as empty, as +0.0 (the
+    same summand)."""
+    return tl.where(_empty(v, WIDE), 0.0, v).to(v.dtype)
+
+
 @triton.jit(do_not_specialize=["rows"])  # one compiled variant for every batch size
 def _push_all_reduce_kernel(
     x_ptr,
@@ -94,7 +101,7 @@ def _push_all_reduce_kernel(
         for row in range(first, rows, step):
             at = row * N  # < slot_numel: fits int32
             x = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
-            x = tl.where(_empty(x, WIDE), 0.0, x).to(dtype)
+            x = as_summand(x, WIDE)
             for peer in tl.static_range(WORLD):
                 if peer != RANK:
                     # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from albireo.kernels import pdl
+from albireo.kernels.triton_all_reduce import as_summand
 
 __all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS", "PushTarget"]
 
@@ -104,13 +105,9 @@ def _gemv_kernel(
     y_ok = row_ok[:, None] & col_ok[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y, mask=y_ok)
     if PUSH:
-        # Slot RANK of this round in every peer's buffer, laid out as y [M, N]; -0.0 marks an
-        # empty element there, so it goes as +0.0 (the same summand). The round was last moved by
-        # an all-reduce kernel that finished before this kernel's wait above returned.
-        if WIDE:
-            y = tl.where(y.to(tl.int32, bitcast=True) == -2147483648, 0.0, y).to(y.dtype)
-        else:
-            y = tl.where(y.to(tl.int16, bitcast=True) == -32768, 0.0, y).to(y.dtype)
+        # Slot RANK of this round in every peer's buffer, laid out as y [M, N]. The round was last
+        # moved by an all-reduce kernel that finished before this kernel's wait above returned.
+        y = as_summand(y, WIDE)
         turn = tl.load(round_ptr)
         at = turn.to(tl.int64) * WORLD * slot_numel + RANK * slot_numel + rows[:, None] * N + cols[None, :]
         for peer in tl.static_range(WORLD):

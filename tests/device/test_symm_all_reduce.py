@@ -60,6 +60,17 @@ def test_symm_all_reduce_equals_nccl(dtype, world):
         assert worst <= (0.0625 * (world - 2) if dtype == torch.bfloat16 else 1e-5)
 
 
+def _eager_call_differs(ps, g: torch.Generator) -> int:
+    """1 if an eager all-reduce of one row (between graph replays, it moves the round on outside
+    them) differs from NCCL's sum, else 0."""
+    import torch.distributed as dist
+
+    eager = torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    expected = eager.clone()
+    dist.all_reduce(expected)
+    return int(not torch.equal(ps.tp_all_reduce(eager), expected))
+
+
 def _graph_replays_between_eager_calls(rank, world, port, queue):
     """A graph of two all-reduces (not a multiple of the three rounds) replayed again and again,
     with an eager call between some replays: each call must take its round from the device, or a
@@ -86,10 +97,7 @@ def _graph_replays_between_eager_calls(rank, world, port, queue):
         graph.replay()
         wrong += sum(int(not torch.equal(x, e)) for x, e in zip(xs, expected))
         if step % 3 == 0:
-            eager = torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=g)
-            expected_eager = eager.clone()
-            dist.all_reduce(expected_eager)
-            wrong += int(not torch.equal(ps.tp_all_reduce(eager), expected_eager))
+            wrong += _eager_call_differs(ps, g)
     dist.barrier()
     if rank == 0:
         queue.put(wrong)
@@ -217,11 +225,8 @@ def _gemv_push(rank, world, port, queue):
         static_residual.copy_(residual)
         graph.replay()
         mismatches += int(not torch.equal(static_out, want_out)) + int(not torch.equal(static_residual, want_residual))
-        if step % 3 == 0:  # an eager all-reduce between replays moves the round on
-            eager = torch.randn(4096, device="cuda", dtype=torch.bfloat16, generator=g)
-            want = eager.clone()
-            dist.all_reduce(want)
-            mismatches += int(not torch.equal(ps.tp_all_reduce(eager), want))
+        if step % 3 == 0:
+            mismatches += _eager_call_differs(ps, g)
     dist.barrier()
     if rank == 0:
         queue.put(mismatches)
