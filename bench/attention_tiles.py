@@ -6,9 +6,11 @@
   the reference output;
 * decode: DecodeTiles (keys per tile, warps, stages) on the split-K decode path at the decode steps
   of W5 and W1 (~1000 sequences), W2 (512) and W3 (batch 1, split over its context), checked
-  against the default shape's output.
+  against the default shape's output;
+* splits: the same decode steps at 1 to 4 KV splits per sequence and at the default count;
+* batch1: batch-1 decode at 128 to 2048 keys at 1 to 16 splits (the default count is 16).
 
-    python bench/attention_tiles.py [prefill] [decode] [--out FILE.json]
+    python bench/attention_tiles.py [prefill] [decode] [splits] [batch1] [--out FILE.json]
 
 (benchmarks/results/prefill-attention-* and decode-attention-* were written by its two halves
 when they were separate scripts.)
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.record import device_name, git_commit, graph_us  # noqa: E402
-from albireo.kernels.triton_attention import DecodeTiles, PrefillTiles, paged_attention  # noqa: E402
+from albireo.kernels.triton_attention import DecodeTiles, PrefillTiles, default_num_splits, paged_attention  # noqa: E402
 
 # name: (query heads, KV heads, head dim, prompts, prompt length)
 PREFILL_SHAPES = {
@@ -103,40 +105,80 @@ def sweep_prefill(hq: int, hk: int, d: int, prompts: int, length: int) -> dict:
             "configs": _sweep(PREFILL_CONFIGS, run, expected, flops)}
 
 
-def sweep_decode(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: int) -> dict:
+def _decode_inputs(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: int):
+    """A decode step's q, paged caches, block tables (as wide as max-model-len 2048 allows, like the
+    engine's), query starts and lengths, and the KV bytes it reads."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    # Block tables as wide as max-model-len 2048 allows, like the engine's.
     k_cache, v_cache, block_tables = _cache(2048, seqs, hk, d, gen)
     seq_lens = torch.randint(shortest, longest + 1, (seqs,), device="cuda", generator=gen, dtype=torch.int32)
     q = torch.randn(seqs, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     starts = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
+    return q, k_cache, v_cache, block_tables, starts, seq_lens, 2 * int(seq_lens.sum()) * hk * d * 2
+
+
+def sweep_decode(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: int) -> dict:
+    q, k_cache, v_cache, block_tables, starts, seq_lens, kv_bytes = _decode_inputs(hq, hk, d, seqs, shortest, longest)
     out = torch.empty_like(q)
 
     def run(tiles: DecodeTiles) -> torch.Tensor:
         return paged_attention(q, k_cache, v_cache, block_tables, starts, seq_lens, d**-0.5, 1, out=out, tiles=tiles)
 
-    kv_bytes = 2 * int(seq_lens.sum()) * hk * d * 2
     expected = run(DECODE_CONFIGS[0]).float().clone()
     return {"unit": "TB/s", "configs": _sweep(DECODE_CONFIGS, run, expected, kv_bytes)}
 
 
+def sweep_splits(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: int,
+                 counts: tuple[int, ...] = (1, 2, 3, 4)) -> dict:
+    """The decode path at `counts` KV splits per sequence and at the default count (from the batch
+    and the block table's width), with the tiles each count gets by default."""
+    q, k_cache, v_cache, block_tables, starts, seq_lens, kv_bytes = _decode_inputs(hq, hk, d, seqs, shortest, longest)
+    default = default_num_splits(seqs, hk, 2048, q.device)
+
+    def run(splits: int) -> torch.Tensor:
+        return paged_attention(q, k_cache, v_cache, block_tables, starts, seq_lens, d**-0.5, 1, num_splits=splits)
+
+    expected = run(1).float()
+    entries = []
+    for splits in sorted({*counts, default}):
+        diff = (run(splits).float() - expected).abs().max().item()
+        us = graph_us(lambda: [run(splits) for _ in range(CALLS)], CALLS)
+        entries.append({"tiles": {"num_splits": splits}, "us": us, "rate": kv_bytes / us / 1e6, "max_abs_diff": diff})
+    return {"unit": "TB/s", "default_splits": default, "configs": entries}
+
+
+# Batch-1 decode (W3) at the contexts a request passes through, TP=1 and TP=2 heads of Llama-3.1-8B.
+BATCH_1_SHAPES = {f"batch 1 {hq}/{hk} heads, {n} keys": (hq, hk, 128, 1, n, n)
+                  for hq, hk in ((32, 8), (16, 4)) for n in (128, 256, 384, 512, 1024, 2048)}
+
+
+def sweep_batch_1_splits(*shape: int) -> dict:
+    return sweep_splits(*shape, counts=(1, 2, 3, 4, 6, 8, 12, 16))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="*", help="prefill, decode, or both when none is named")
+    parser.add_argument("paths", nargs="*", help="prefill, decode, splits, batch1; prefill and decode when "
+                        "none is named")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if set(args.paths) - {"prefill", "decode"}:
-        parser.error(f"paths are prefill and decode, not {' '.join(args.paths)}")
+    if set(args.paths) - {"prefill", "decode", "splits", "batch1"}:
+        parser.error(f"paths are prefill, decode, splits and batch1, not {' '.join(args.paths)}")
     record = {"benchmark": "attention_tiles", "device": device_name(), "commit": git_commit(),
               "torch": torch.__version__, "page": PAGE, "calls_per_graph": CALLS}
     for path in args.paths or ["prefill", "decode"]:
-        shapes, sweep = (PREFILL_SHAPES, sweep_prefill) if path == "prefill" else (DECODE_SHAPES, sweep_decode)
+        shapes, sweep = {"prefill": (PREFILL_SHAPES, sweep_prefill), "decode": (DECODE_SHAPES, sweep_decode),
+                         "splits": (DECODE_SHAPES, sweep_splits),
+                         "batch1": (BATCH_1_SHAPES, sweep_batch_1_splits)}[path]
         record[path] = {}
         for name, shape in shapes.items():
             res = record[path][name] = {"shape": shape, **sweep(*shape)}
             unit = res["unit"]
             yardstick = f", SDPA {res['sdpa_us']:.1f} us ({res['sdpa_rate']:.2f} {unit})" if "sdpa_us" in res else ""
-            print(f"{path} {name}: default {res['configs'][0].get('us', float('nan')):.1f} us{yardstick}", flush=True)
+            default = res["configs"][0]
+            if "default_splits" in res:
+                default = next(e for e in res["configs"] if e["tiles"]["num_splits"] == res["default_splits"])
+                yardstick += f" ({res['default_splits']} splits)"
+            print(f"{path} {name}: default {default.get('us', float('nan')):.1f} us{yardstick}", flush=True)
             for entry in sorted(res["configs"], key=lambda e: e.get("us", float("inf")))[:5]:
                 label = " ".join(f"{k} {v}" for k, v in entry["tiles"].items())
                 if "error" in entry:

@@ -5,12 +5,15 @@
 #                all-reduce latency: NCCL, PyTorch two-shot, our one-shot alone and with the norm
 #   w3:          W3 at each degree, and at TP=2 with NCCL alone (A/B on one machine)
 #   w2-8b:       W2 on llama-3.1-8b at each degree, async on and off
+#   w2-8b-async: W2 on llama-3.1-8b at each degree, async on
 #   headline:    W3, then W2 on llama-3.1-8b with async scheduling, at each degree (issue 4's ratios)
 #   w2-32b:      W2 on qwen2.5-32b at each degree, async on and off (TP=1 with 200 prompts: its KV
 #                pool holds few sequences next to 64 GB of weights)
 #   profile:     kernel tables of W3 decode steps at TP=1 and TP=2, and each kernel's share of the
 #                chain (bench/critical_path.py on the traces: where TP=2's extra time goes)
+#   profile-w2:  the same for W2's decode steps of 512 sequences
 #   extra:       the W5 amdahl breakdown, sequence-parallel sampling on GPUs
+# W2 runs at most MAX_NUM_SEQS sequences at once (default 512; vLLM's own default is 1024).
 # Each W2/W3 run writes a record with its per-step breakdown (--profile-steps) and energy.
 set -uo pipefail
 out=$1; stage=$2
@@ -19,7 +22,7 @@ run() { timeout "$1" "${@:2}" 2>&1 | grep -v "it/s\]\|req/s\]\|graph/s\]\|s/it\]
 w2() {  # w2 MODEL TP EXTRA_FLAGS...
   run 300 python3 -m albireo.entrypoints.cli bench throughput --workload W2 --model "benchmarks/models/$1" \
     --tensor-parallel-size "$2" --num-prompts "${NUM_PROMPTS:-1000}" --input-len 512 --output-len 256 \
-    --max-num-seqs 512 --max-num-batched-tokens 16384 --load-format dummy --max-model-len 2048 \
+    --max-num-seqs "${MAX_NUM_SEQS:-512}" --max-num-batched-tokens 16384 --load-format dummy --max-model-len 2048 \
     --profile-steps --out-dir "$out" "${@:3}"
 }
 w3() {  # w3 TP EXTRA_FLAGS...
@@ -38,6 +41,8 @@ case $stage in
   headline)
     for t in $degrees; do w3 "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t"; done ;;
+  w2-8b-async)
+    for t in $degrees; do w2 llama-3.1-8b "$t"; done ;;
   w2-8b)
     for t in $degrees; do w2 llama-3.1-8b "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t" --no-async-scheduling; done ;;
@@ -53,6 +58,13 @@ case $stage in
         --output-len 64 --max-num-seqs 8 --skip-steps 10 --steps 30 --tensor-parallel-size "$t" \
         --out "$out/prof_w3_tp$t.txt" --trace "$out/w3_tp$t.json.gz"
       python3 bench/critical_path.py "$out/w3_tp$t.json.gz" --steps 30 | tee "$out/critical_path_w3_tp$t.txt"
+    done ;;
+  profile-w2)
+    for t in 1 2; do
+      run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts 512 --input-len 512 \
+        --output-len 64 --max-num-seqs 512 --skip-steps 40 --steps 5 --tensor-parallel-size "$t" \
+        --out "$out/prof_w2_tp$t.txt" --trace "$out/w2_tp$t.json.gz"
+      python3 bench/critical_path.py "$out/w2_tp$t.json.gz" --steps 5 | tee "$out/critical_path_w2_tp$t.txt"
     done ;;
   extra)
     bash bench/run_workloads.sh "$out" W5-amdahl

@@ -1,0 +1,74 @@
+"""Time W2's linear layers under torch's two cuBLAS entry points, cuBLAS and cuBLASLt, on one GPU.
+
+    python bench/blas_backends.py --out benchmarks/results/blas-backends-h200.json
+
+At TP=2 the decode step's gate/up GEMM (512 x 14336 x 4096) runs 224 tiles of 256 x 128 on 132 SMs,
+so its second wave is 70% full; cuBLASLt's heuristics may choose another kernel for the same shape.
+Each timing is a CUDA graph of calls cycling through enough weight copies to overflow L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from albireo.bench.record import device_name, git_commit, graph_us
+
+SHAPES = {  # name: (N, K) of one Llama-3.1-8B layer's projections at TP=1 and TP=2
+    "qkv": (6144, 4096),
+    "o_proj": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "qkv_tp2": (3072, 4096),
+    "o_proj_tp2": (4096, 2048),
+    "gate_up_tp2": (14336, 4096),
+    "down_tp2": (4096, 7168),
+}
+BACKENDS = ("cublas", "cublaslt")
+
+
+def kernel_name(call) -> str:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return ",".join(names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rows", default="256,512,16384")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    record = {"benchmark": "blas_backends", "device": device_name(), "commit": git_commit(), "shapes": {}}
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, -(-160 * 2**20 // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in map(int, args.rows.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            calls = 40 if m <= 512 else 8
+            row, outputs = {}, {}
+            for backend in BACKENDS:
+                torch.backends.cuda.preferred_blas_library(backend)
+                outputs[backend] = F.linear(x, weights[0])
+                row[f"{backend}_us"] = graph_us(lambda: [F.linear(x, weights[i % copies]) for i in range(calls)],
+                                                calls, 5)
+                row[f"{backend}_tflops"] = 2 * m * n * k / row[f"{backend}_us"] / 1e6
+                row[f"{backend}_kernel"] = kernel_name(lambda: F.linear(x, weights[0]))
+            torch.backends.cuda.preferred_blas_library("cublas")
+            row["max_abs_diff"] = (outputs["cublas"].float() - outputs["cublaslt"].float()).abs().max().item()
+            record["shapes"][f"{name}_m{m}"] = row
+            print(f"{name:12s} m={m:5d} N={n:6d} K={k:5d}  cuBLAS {row['cublas_us']:8.1f} us "
+                  f"({row['cublas_tflops']:4.0f} TF/s)  cuBLASLt {row['cublaslt_us']:8.1f} us "
+                  f"({row['cublaslt_tflops']:4.0f} TF/s)  diff {row['max_abs_diff']:.1e}  "
+                  f"{row['cublas_kernel'][:40]} / {row['cublaslt_kernel'][:40]}", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
