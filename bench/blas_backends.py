@@ -15,7 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from albireo.bench.record import device_name, git_commit, graph_us
+from albireo.bench.record import device_name, git_commit, graph_us, weight_copies
 
 SHAPES = {  # name: (N, K) of one Llama-3.1-8B layer's projections at TP=1 and TP=2
     "qkv": (6144, 4096),
@@ -46,8 +46,8 @@ def main() -> None:
     torch.manual_seed(0)
     record = {"benchmark": "blas_backends", "device": device_name(), "commit": git_commit(), "shapes": {}}
     for name, (n, k) in SHAPES.items():
-        copies = max(2, -(-160 * 2**20 // (n * k * 2)))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        weights = weight_copies(n, k)
+        copies = len(weights)
         for m in map(int, args.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             calls = 40 if m <= 512 else 8

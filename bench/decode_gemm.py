@@ -15,7 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from albireo.bench.record import device_name, git_commit, graph_us
+from albireo.bench.record import device_name, git_commit, graph_us, weight_copies
 from albireo.kernels.triton_fused import silu_and_mul
 from albireo.kernels.triton_gemv import CONFIGS, gemv
 
@@ -60,8 +60,8 @@ def main() -> None:
     record = {"device": device_name(), "commit": git_commit(), "copy_tb_s": copy_bandwidth(), "shapes": {}}
     print(f"{record['device']}: device-to-device copy {record['copy_tb_s']:.2f} TB/s (read + write)")
     for name, (n, k, silu) in SHAPES.items():
-        copies = max(2, -(-160 * 2**20 // (n * k * 2)))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        weights = weight_copies(n, k)
+        copies = len(weights)
         for m in map(int, args.rows.split(",")):
             x = torch.randn(m, 2 * k if silu else k, device="cuda", dtype=torch.bfloat16)
             act = silu_and_mul(x) if silu else x

@@ -30,6 +30,12 @@ w3() {  # w3 TP EXTRA_FLAGS...
     --tensor-parallel-size "$1" --batch-size 1 --input-len 128 --output-len 256 --iters 5 --max-num-seqs 8 \
     --load-format dummy --max-model-len 2048 --profile-steps --out-dir "$out" "${@:2}"
 }
+profile() {  # profile NAME TP PROMPTS INPUT_LEN MAX_NUM_SEQS SKIP_STEPS STEPS: kernel table, trace, critical path
+  run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts "$3" --input-len "$4" \
+    --output-len 64 --max-num-seqs "$5" --skip-steps "$6" --steps "$7" --tensor-parallel-size "$2" \
+    --out "$out/prof_$1_tp$2.txt" --trace "$out/$1_tp$2.json.gz"
+  python3 bench/critical_path.py "$out/$1_tp$2.json.gz" --steps "$7" | tee "$out/critical_path_$1_tp$2.txt"
+}
 case $stage in
   correctness)
     nvidia-smi topo -m | head -10
@@ -53,19 +59,9 @@ case $stage in
       NUM_PROMPTS=$prompts w2 qwen2.5-32b "$t" --no-async-scheduling
     done ;;
   profile)
-    for t in 1 2; do
-      run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts 1 --input-len 128 \
-        --output-len 64 --max-num-seqs 8 --skip-steps 10 --steps 30 --tensor-parallel-size "$t" \
-        --out "$out/prof_w3_tp$t.txt" --trace "$out/w3_tp$t.json.gz"
-      python3 bench/critical_path.py "$out/w3_tp$t.json.gz" --steps 30 | tee "$out/critical_path_w3_tp$t.txt"
-    done ;;
+    for t in 1 2; do profile w3 "$t" 1 128 8 10 30; done ;;
   profile-w2)
-    for t in 1 2; do
-      run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts 512 --input-len 512 \
-        --output-len 64 --max-num-seqs 512 --skip-steps 40 --steps 5 --tensor-parallel-size "$t" \
-        --out "$out/prof_w2_tp$t.txt" --trace "$out/w2_tp$t.json.gz"
-      python3 bench/critical_path.py "$out/w2_tp$t.json.gz" --steps 5 | tee "$out/critical_path_w2_tp$t.txt"
-    done ;;
+    for t in 1 2; do profile w2 "$t" 512 512 512 40 5; done ;;
   extra)
     bash bench/run_workloads.sh "$out" W5-amdahl
     run 120 python3 bench/seq_parallel_sampling.py --tp $degrees --batch 256 --out "$out/seq-parallel-sampling.json" ;;

@@ -160,6 +160,13 @@ class MeasuredRegion:
         return out
 
 
+def weight_copies(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    """Random [n, k] CUDA weights (std 0.02), as many copies as it takes for 160 MiB, at least two:
+    calls cycling through them overflow L2, so each streams its weight from device memory."""
+    copies = max(2, -(-160 * 2**20 // (n * k * dtype.itemsize)))
+    return [torch.randn(n, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+
+
 def graph_us(step: Callable[[], object], calls: int, replays: int = 20) -> float:
     """Microseconds per call of `step`, which makes `calls` calls: captured once in a CUDA graph and
     replayed, after one eager run (compilation, allocation) outside the capture."""
