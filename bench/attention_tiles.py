@@ -130,19 +130,23 @@ def sweep_decode(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: in
 def sweep_splits(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: int,
                  counts: tuple[int, ...] = (1, 2, 3, 4)) -> dict:
     """The decode path at `counts` KV splits per sequence and at the default count (from the batch
-    and the block table's width), with the tiles each count gets by default."""
+    and the block table's width), with the tiles each count gets by default, and split counts also
+    with the unsplit path's longer tiles."""
     q, k_cache, v_cache, block_tables, starts, seq_lens, kv_bytes = _decode_inputs(hq, hk, d, seqs, shortest, longest)
     default = default_num_splits(seqs, hk, 2048, q.device)
 
-    def run(splits: int) -> torch.Tensor:
-        return paged_attention(q, k_cache, v_cache, block_tables, starts, seq_lens, d**-0.5, 1, num_splits=splits)
+    def run(splits: int, tiles: DecodeTiles | None = None) -> torch.Tensor:
+        return paged_attention(q, k_cache, v_cache, block_tables, starts, seq_lens, d**-0.5, 1, num_splits=splits,
+                               tiles=tiles)
 
     expected = run(1).float()
     entries = []
     for splits in sorted({*counts, default}):
-        diff = (run(splits).float() - expected).abs().max().item()
-        us = graph_us(lambda: [run(splits) for _ in range(CALLS)], CALLS)
-        entries.append({"tiles": {"num_splits": splits}, "us": us, "rate": kv_bytes / us / 1e6, "max_abs_diff": diff})
+        for tiles in [None] + ([DecodeTiles()] if splits > 1 else []):
+            diff = (run(splits, tiles).float() - expected).abs().max().item()
+            us = graph_us(lambda: [run(splits, tiles) for _ in range(CALLS)], CALLS)
+            label = {"num_splits": splits} if tiles is None else {"num_splits": splits, "kv_tile": tiles.kv_tile}
+            entries.append({"tiles": label, "us": us, "rate": kv_bytes / us / 1e6, "max_abs_diff": diff})
     return {"unit": "TB/s", "default_splits": default, "configs": entries}
 
 
@@ -176,7 +180,7 @@ def main() -> None:
             yardstick = f", SDPA {res['sdpa_us']:.1f} us ({res['sdpa_rate']:.2f} {unit})" if "sdpa_us" in res else ""
             default = res["configs"][0]
             if "default_splits" in res:
-                default = next(e for e in res["configs"] if e["tiles"]["num_splits"] == res["default_splits"])
+                default = next(e for e in res["configs"] if e["tiles"] == {"num_splits": res["default_splits"]})
                 yardstick += f" ({res['default_splits']} splits)"
             print(f"{path} {name}: default {default.get('us', float('nan')):.1f} us{yardstick}", flush=True)
             for entry in sorted(res["configs"], key=lambda e: e.get("us", float("inf")))[:5]:
