@@ -23,6 +23,7 @@ import itertools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -127,6 +128,14 @@ def sweep_decode(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: in
     return {"unit": "TB/s", "configs": _sweep(DECODE_CONFIGS, run, expected, kv_bytes)}
 
 
+@dataclass(frozen=True)
+class Splits:
+    """A decode launch by KV split count; kv_tile None: the tiles that count gets by default."""
+
+    num_splits: int
+    kv_tile: int | None = None
+
+
 def sweep_splits(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: int,
                  counts: tuple[int, ...] = (1, 2, 3, 4)) -> dict:
     """The decode path at `counts` KV splits per sequence and at the default count (from the batch
@@ -135,19 +144,15 @@ def sweep_splits(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: in
     q, k_cache, v_cache, block_tables, starts, seq_lens, kv_bytes = _decode_inputs(hq, hk, d, seqs, shortest, longest)
     default = default_num_splits(seqs, hk, 2048, q.device)
 
-    def run(splits: int, tiles: DecodeTiles | None = None) -> torch.Tensor:
-        return paged_attention(q, k_cache, v_cache, block_tables, starts, seq_lens, d**-0.5, 1, num_splits=splits,
-                               tiles=tiles)
+    def run(c: Splits) -> torch.Tensor:
+        tiles = None if c.kv_tile is None else DecodeTiles(kv_tile=c.kv_tile)
+        return paged_attention(q, k_cache, v_cache, block_tables, starts, seq_lens, d**-0.5, 1,
+                               num_splits=c.num_splits, tiles=tiles)
 
-    expected = run(1).float()
-    entries = []
-    for splits in sorted({*counts, default}):
-        for tiles in [None] + ([DecodeTiles()] if splits > 1 else []):
-            diff = (run(splits, tiles).float() - expected).abs().max().item()
-            us = graph_us(lambda: [run(splits, tiles) for _ in range(CALLS)], CALLS)
-            label = {"num_splits": splits} if tiles is None else {"num_splits": splits, "kv_tile": tiles.kv_tile}
-            entries.append({"tiles": label, "us": us, "rate": kv_bytes / us / 1e6, "max_abs_diff": diff})
-    return {"unit": "TB/s", "default_splits": default, "configs": entries}
+    split_counts = sorted({*counts, default})
+    configs = [Splits(n) for n in split_counts] + [Splits(n, DecodeTiles().kv_tile) for n in split_counts if n > 1]
+    return {"unit": "TB/s", "default_splits": default,
+            "configs": _sweep(configs, run, run(Splits(1)).float(), kv_bytes)}
 
 
 # Batch-1 decode (W3) at the contexts a request passes through, TP=1 and TP=2 heads of Llama-3.1-8B.
@@ -180,7 +185,7 @@ def main() -> None:
             yardstick = f", SDPA {res['sdpa_us']:.1f} us ({res['sdpa_rate']:.2f} {unit})" if "sdpa_us" in res else ""
             default = res["configs"][0]
             if "default_splits" in res:
-                default = next(e for e in res["configs"] if e["tiles"] == {"num_splits": res["default_splits"]})
+                default = next(e for e in res["configs"] if e["tiles"] == vars(Splits(res["default_splits"])))
                 yardstick += f" ({res['default_splits']} splits)"
             print(f"{path} {name}: default {default.get('us', float('nan')):.1f} us{yardstick}", flush=True)
             for entry in sorted(res["configs"], key=lambda e: e.get("us", float("inf")))[:5]:

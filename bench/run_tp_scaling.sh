@@ -4,6 +4,7 @@
 #   correctness: TP=t equals TP=1 on GPUs, the peer-memory all-reduce against NCCL (tests), and
 #                all-reduce latency: NCCL, PyTorch two-shot, our one-shot alone and with the norm
 #   w3:          W3 at each degree, and at TP=2 with NCCL alone (A/B on one machine)
+#   w3-only:     W3 at each degree
 #   w2-8b:       W2 on llama-3.1-8b at each degree, async on and off
 #   w2-8b-async: W2 on llama-3.1-8b at each degree, async on
 #   headline:    W3, then W2 on llama-3.1-8b with async scheduling, at each degree (issue 4's ratios)
@@ -44,6 +45,8 @@ case $stage in
   w3)
     for t in $degrees; do w3 "$t"; done
     w3 2 --all-reduce nccl ;;
+  w3-only)
+    for t in $degrees; do w3 "$t"; done ;;
   headline)
     for t in $degrees; do w3 "$t"; done
     for t in $degrees; do w2 llama-3.1-8b "$t"; done ;;

@@ -54,11 +54,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _gemm_adds_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether a matmul of x (not a one-row GEMV) by weight accumulates into the residual in place:
-    at TP=1 only, where no rank's part is still to be summed. Not past GEMM_RESIDUAL_MAX_INNER input features: there cuBLAS picked slower kernels with beta = 1
-    (llama-3.1-8b's down_proj, 14336 wide: 820 vs 717 us at 4096 rows on an H100), where the others
-    ran up to 9% faster at prefill sizes (bench/gemm_residual.py, benchmarks/results/gemm-residual-*)."""
-    return (GEMM_RESIDUAL and tp_size() == 1 and kernels.fused_on(x) and x.dim() == 2 and x.shape[0] > 1 and x.dtype in _HALF
-            and weight.shape[1] <= GEMM_RESIDUAL_MAX_INNER
+    at TP=1 only, where no rank's part is still to be summed. Not past GEMM_RESIDUAL_MAX_INNER input
+    features: there cuBLAS picked slower kernels with beta = 1 (llama-3.1-8b's down_proj, 14336
+    wide: 820 vs 717 us at 4096 rows on an H100), where the others ran up to 9% faster at prefill
+    sizes (bench/gemm_residual.py, benchmarks/results/gemm-residual-*)."""
+    return (GEMM_RESIDUAL and tp_size() == 1 and kernels.fused_on(x) and x.dim() == 2 and x.shape[0] > 1
+            and x.dtype in _HALF and weight.shape[1] <= GEMM_RESIDUAL_MAX_INNER
             and residual is not None and residual.dtype == x.dtype and residual.is_contiguous())
 
 
