@@ -9,6 +9,9 @@
 set -uo pipefail
 out=$1; shift
 base=$PYTHONPATH
+# Without it `python3 -m` puts the working directory (this repo) before PYTHONPATH, and every label
+# would run the working tree's code.
+export PYTHONSAFEPATH=1
 case ${WORKLOAD:-W3} in
   W3) stage=w3-only ;;
   W2) stage=w2-8b-async ;;

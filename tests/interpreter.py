@@ -92,3 +92,21 @@ def kernel_test_module(test_file: str):
     require_triton()
     in_process = enable()
     return in_process, only_interpreted(in_process), subprocess_test(test_file, in_process)
+
+
+def spawn_ranks(target, world: int, *args, timeout: float = 300) -> list[int]:
+    """Run target(rank, *args) in `world` spawned processes, stand-ins for GPUs that share memory
+    (each must switch the interpreter on itself); returns their exit codes, killing any still
+    running after `timeout` seconds."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(rank, *args)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]

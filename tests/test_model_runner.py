@@ -1,6 +1,6 @@
 """The runner's pure planning helpers."""
 
-from albireo.runner.model_runner import largest_prefill
+from albireo.runner.model_runner import graph_token_sizes, largest_prefill
 
 
 def test_largest_prefill_fills_the_token_budget_with_prompts_of_the_context_length():
@@ -17,3 +17,11 @@ def test_largest_prefill_is_one_prompt_when_the_context_exceeds_the_budget():
 
 def test_largest_prefill_takes_no_more_prompts_than_sequences_allowed():
     assert largest_prefill(16384, 1000, 4).tolist() == [1000] * 4
+
+
+def test_steps_with_prompt_tokens_get_graphs_up_to_512_tokens():
+    assert graph_token_sizes(8192) == [16, 32, 64, 128, 256, 384, 512]
+
+
+def test_no_step_graph_is_larger_than_the_token_budget():
+    assert graph_token_sizes(100) == [16, 32, 64]

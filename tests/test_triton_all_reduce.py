@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import interpreter
 
@@ -68,16 +67,7 @@ def run(request):
                  for _ in range(WORLD)]
     rounds = [torch.zeros(2, dtype=torch.int32).share_memory_() for _ in range(WORLD)]
     outputs = [[torch.empty(ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(WORLD)]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, exchanges, rounds, inputs, residuals, weight, outputs))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    assert interpreter.spawn_ranks(_rank, WORLD, exchanges, rounds, inputs, residuals, weight, outputs) == [0] * WORLD
     # Summed in rank order in fp32, as the kernel does, then rounded to the dtype.
     sums = [sum(inputs[r][c].float() for r in range(WORLD)).to(dtype) for c in range(len(CALLS))]
     return dict(dtype=dtype, rounds_total=ROUNDS, sums=sums, residual=residual, residuals=residuals,

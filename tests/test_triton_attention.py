@@ -121,6 +121,15 @@ def test_mixed_with_loose_max_query_len_and_padding_rows():
 
 
 @interpreted
+def test_mixed_step_padded_as_its_cuda_graph():
+    # A mixed graph of 32 token rows and 8 request slots replaying a 22-token step of three
+    # requests: max_query_len is the graph's row count, the last five requests and ten rows are padding.
+    seq_lens = [40, 9, 12, 0, 0, 0, 0, 0]
+    query_lens = [8, 1, 12, 0, 0, 0, 0, 0]
+    run_and_check(seq_lens, query_lens, 4, 2, 64, 16, max_query_len=32, extra_rows=10)
+
+
+@interpreted
 def test_decode_padding_rows_and_sequences():
     # CUDA-graph style: padding sequences (seq_len 0, no query) and rows past query_start_loc[B].
     seq_lens = [33, 0, 80, 0]

@@ -110,6 +110,14 @@ def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype, max_activat
     return _symm_all_reduce is not None
 
 
+def tp_pick_candidates(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+    """Each row's token from every rank's sampling candidates, swapped over peer memory; None where
+    that path is off (CPU, NCCL only) or the candidates do not fit it."""
+    if _symm_all_reduce is None or not scores.is_cuda:
+        return None
+    return _symm_all_reduce.pick(scores, indices)
+
+
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if _size == 1:
         return x

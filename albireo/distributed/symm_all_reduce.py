@@ -6,7 +6,8 @@ memory (mapped into each peer's address space through CUDA IPC, no multicast). U
 `one_shot_max_bytes` one kernel of ours pushes each rank's values into every peer's buffer and sums
 what arrives, with no barrier (`albireo/kernels/triton_all_reduce.py`), and can go on into the
 residual add and RMSNorm after it; mid sizes take PyTorch's two-shot kernel (reduce-scatter and
-all-gather through the buffers, with barriers); past `max_bytes` NCCL.
+all-gather through the buffers, with barriers); past `max_bytes` NCCL. The same scheme swaps the
+vocabulary-parallel sampler's candidates (`pick`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 MAX_BYTES = 8 * 2**20
+# Sampling candidates a vocabulary-parallel step swaps at most: a row's chunks fill 512 programs,
+# so a batch has max(512, rows) of them (`albireo.kernels.triton_sampling.chunks_for`).
+MAX_CANDIDATES = 4096
 
 
 def one_shot_max_bytes(world: int) -> int:
@@ -32,10 +36,11 @@ class SymmMemAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         # Imported here: Triton must not load in processes that may yet turn its interpreter on.
-        from albireo.kernels import triton_all_reduce
+        from albireo.kernels import triton_all_reduce, triton_sampling
         from albireo.kernels.triton_gemv import PushTarget
 
         self.kernels = triton_all_reduce
+        self.sampling_kernels = triton_sampling
 
         self.group_name = group.group_name
         self.dtype = dtype
@@ -58,6 +63,16 @@ class SymmMemAllReduce:
         self.rounds = torch.zeros(2, dtype=torch.int32, device=device)
         self.push_target = PushTarget(self.peers, self.rounds, self.one_shot_max_numel, self.rank)
 
+        candidates = symm_mem.empty(self.kernels.ROUNDS * world * MAX_CANDIDATES, dtype=torch.int64, device=device)
+        candidates.fill_(-1)  # every slot empty (no candidate's column is negative)
+        torch.cuda.synchronize(device)
+        handle = symm_mem.rendezvous(candidates, group)
+        self.candidates = candidates
+        self.candidate_exchange = triton_sampling.CandidateExchange(
+            torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device),
+            torch.zeros(2, dtype=torch.int32, device=device), MAX_CANDIDATES, self.rank)
+        self.world = world
+
     def takes(self, x: torch.Tensor) -> bool:
         """Whether one of the two kernels sums x; the caller sends the rest to NCCL."""
         return self.fits_one_shot(x) or self.fits_two_shot(x)
@@ -73,6 +88,13 @@ class SymmMemAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (x must be taken: `takes`)."""
         return self.push(x) if self.fits_one_shot(x) else self.two_shot(x)
+
+    def pick(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """Each row's token from the ranks' sampling candidates [B, C] of their vocabulary shards
+        (`albireo.kernels.triton_sampling.exchange_pick`); None when there are too many of them."""
+        if scores.numel() > MAX_CANDIDATES:
+            return None
+        return self.sampling_kernels.exchange_pick(scores, indices, self.candidate_exchange, self.world)
 
     def two_shot(self, x: torch.Tensor) -> torch.Tensor:
         staged = self.staging[: x.numel()]

@@ -10,6 +10,8 @@ temperature 0 takes the plain argmax (first index among ties, like torch.argmax)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -68,6 +70,17 @@ def _gumbel_argmax_kernel(
     tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, winner)
 
 
+@triton.jit
+def _best_of(score, idx, best, best_idx):
+    """(best, best_idx) updated with a tile of candidates that come after it in column order: the
+    smallest column among a tile's tied maxima is its first, and a later tile only wins with a
+    strictly larger score."""
+    top = tl.max(score, 0)
+    first = tl.min(tl.where(score == top, idx, 2147483647), 0)
+    take = (top > best) | ((top == best) & (first < best_idx))
+    return tl.maximum(best, top), tl.where(take, first, best_idx)
+
+
 # A fixed tile over the chunks, whatever their number: a block size that followed the batch compiled
 # a variant per power of two, in the middle of a run (W1's first steps spent 90 and 70 ms on them).
 _CHUNK_TILE = 128
@@ -83,13 +96,7 @@ def _chunk_argmax_kernel(best_score_ptr, best_idx_ptr, out_ptr, NUM_CHUNKS, BLOC
         mask = offs < NUM_CHUNKS
         score = tl.load(best_score_ptr + row * NUM_CHUNKS + offs, mask=mask, other=float("-inf"))
         idx = tl.load(best_idx_ptr + row * NUM_CHUNKS + offs, mask=mask, other=2147483647)
-        top = tl.max(score, 0)
-        # Chunks are in column order, so the smallest index among the tied maxima is the first one,
-        # and a later tile only wins with a strictly larger score.
-        first = tl.min(tl.where(score == top, idx, 2147483647), 0)
-        take = (top > best) | ((top == best) & (first < best_idx))
-        best_idx = tl.where(take, first, best_idx)
-        best = tl.maximum(best, top)
+        best, best_idx = _best_of(score, idx, best, best_idx)
     tl.store(out_ptr + row, best_idx.to(tl.int64))
 
 
@@ -132,6 +139,101 @@ def pick_candidates(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
     if batch:
         _chunk_argmax_kernel[(batch,)](scores.contiguous(), indices.contiguous(), out, num_chunks, BLOCK=_CHUNK_TILE,
                                        num_warps=1)
+    return out
+
+
+# An exchange slot no peer has written this round: a packed candidate never equals it, as its low
+# half is a column (>= 0).
+_EMPTY_CANDIDATE = tl.constexpr(-1)
+
+
+@dataclass(frozen=True)
+class CandidateExchange:
+    """Peer buffers through which vocabulary-parallel ranks swap their sampling candidates (the
+    one-shot all-reduce's scheme, `albireo.kernels.triton_all_reduce`, carrying int64s): every
+    rank's buffer address (int64 [world]), this rank's round counter (int32 [2]), a slot's size in
+    candidates, and the rank. Buffers hold ROUNDS x world slots, all _EMPTY_CANDIDATE at first."""
+
+    peers: torch.Tensor
+    rounds: torch.Tensor
+    slot_numel: int
+    rank: int
+
+
+@triton.jit(do_not_specialize=["rows", "NUM_CHUNKS"])
+def _exchange_pick_kernel(
+    best_score_ptr, best_idx_ptr, out_ptr, peers_ptr, round_ptr, rows, NUM_CHUNKS, slot_numel,
+    RANK: tl.constexpr, WORLD: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Each rank's candidates [rows, NUM_CHUNKS] of its vocabulary shard go, packed as (score bits,
+    column) int64s, into every peer's slot of this round; each row's token is then picked from all
+    ranks' candidates in rank order, which is column order, as _chunk_argmax_kernel picks."""
+    first = tl.program_id(0)
+    step = tl.num_programs(0)
+    offs = tl.arange(0, BLOCK)
+    turn = tl.load(round_ptr)
+    round_base = turn.to(tl.int64) * WORLD * slot_numel
+    # Every row this program owns goes out before it waits for any (all programs are resident).
+    for row in range(first, rows, step):
+        for start in range(0, NUM_CHUNKS, BLOCK):
+            c = start + offs
+            mask = c < NUM_CHUNKS
+            score = tl.load(best_score_ptr + row * NUM_CHUNKS + c, mask=mask)
+            idx = tl.load(best_idx_ptr + row * NUM_CHUNKS + c, mask=mask)
+            packed = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | idx.to(tl.int64)
+            for peer in tl.static_range(WORLD):
+                if peer != RANK:
+                    buffer = tl.load(peers_ptr + peer).to(tl.pointer_type(tl.int64))
+                    tl.store(buffer + round_base + RANK * slot_numel + row * NUM_CHUNKS + c, packed, mask=mask)
+
+    own = tl.load(peers_ptr + RANK).to(tl.pointer_type(tl.int64))
+    for row in range(first, rows, step):
+        best = float("-inf")
+        best_idx = 2147483647
+        for src in tl.static_range(WORLD):
+            for start in range(0, NUM_CHUNKS, BLOCK):
+                c = start + offs
+                mask = c < NUM_CHUNKS
+                if src == RANK:
+                    score = tl.load(best_score_ptr + row * NUM_CHUNKS + c, mask=mask, other=float("-inf"))
+                    idx = tl.load(best_idx_ptr + row * NUM_CHUNKS + c, mask=mask, other=2147483647)
+                else:
+                    slot = own + round_base + src * slot_numel + row * NUM_CHUNKS + c
+                    v = tl.load(slot, mask=mask, other=0, volatile=True)
+                    while tl.max(((v == _EMPTY_CANDIDATE) & mask).to(tl.int32), axis=0) > 0:
+                        v = tl.load(slot, mask=mask, other=0, volatile=True)
+                    tl.store(slot, tl.full([BLOCK], _EMPTY_CANDIDATE, tl.int64), mask=mask)
+                    score = tl.where(mask, (v >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("-inf"))
+                    idx = tl.where(mask, v.to(tl.int32), 2147483647)
+                best, best_idx = _best_of(score, idx, best, best_idx)
+        tl.store(out_ptr + row, best_idx.to(tl.int64))
+
+    # The last program to finish moves this rank on to the next round (as the all-reduce does).
+    if step == 1:
+        tl.store(round_ptr, (turn + 1) % ROUNDS)
+    elif tl.atomic_add(round_ptr + 1, 1) == step - 1:
+        tl.store(round_ptr + 1, 0)
+        tl.store(round_ptr, (turn + 1) % ROUNDS)
+
+
+def exchange_pick(scores: torch.Tensor, indices: torch.Tensor, exchange: CandidateExchange, world: int,
+                  max_programs: int | None = None) -> torch.Tensor:
+    """Every row's token from this rank's candidates [B, C] of its vocabulary shard and the peers'
+    (the same C each, shards in rank order), swapped through `exchange`: what pick_candidates gives
+    on all ranks' candidates concatenated, in one launch instead of a collective and a pick. Every
+    rank must make the same sequence of calls, with B * C <= exchange.slot_numel."""
+    from albireo.kernels import sm_count
+    from albireo.kernels.triton_all_reduce import ROUNDS
+
+    batch, num_chunks = scores.shape
+    assert batch * num_chunks <= exchange.slot_numel
+    out = torch.empty(batch, dtype=torch.int64, device=scores.device)
+    if max_programs is None:  # one-warp programs, every one resident while it waits
+        max_programs = 8 * sm_count(scores.device)
+    _exchange_pick_kernel[(max(1, min(batch, max_programs)),)](
+        scores.contiguous(), indices.contiguous(), out, exchange.peers, exchange.rounds, batch, num_chunks,
+        exchange.slot_numel, RANK=exchange.rank, WORLD=world, ROUNDS=ROUNDS, BLOCK=_CHUNK_TILE, num_warps=1,
+    )
     return out
 
 

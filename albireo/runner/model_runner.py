@@ -3,8 +3,9 @@
 The runner keeps its own copy of every running request (runner/input_batch.py), updated from
 each step plan, so a plan carries only what changed and the tokens the runner sampled never come
 back from the scheduler. Inputs are built with numpy, staged in pinned host buffers and copied into
-persistent device buffers; decode-only steps replay a CUDA graph captured at start-up for the
-nearest batch-size bucket.
+persistent device buffers. Decode-only steps replay a CUDA graph captured at start-up for the
+nearest batch-size bucket; other steps of up to MAX_MIXED_GRAPH_TOKENS tokens replay one of the
+model's forward captured for the nearest token-count bucket, and only larger ones launch eagerly.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def graph_batch_sizes(max_size: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_size} | {max_size})
 
 
+# Steps with prompt tokens past this many run eagerly: their GPU work outlasts the launches (a few
+# hundred kernels, ~10 ms of Python), where a short prompt's prefill was mostly launches.
+MAX_MIXED_GRAPH_TOKENS = 512
+
+
+def graph_token_sizes(max_tokens: int) -> list[int]:
+    """Token counts a step with prompt tokens is padded up to, each with a graph of the forward."""
+    sizes = [16, 32, 64, 128, 256, 384, 512]
+    return [s for s in sizes if s <= min(max_tokens, MAX_MIXED_GRAPH_TOKENS)]
+
+
 def largest_prefill(token_budget: int, max_model_len: int, max_seqs: int) -> np.ndarray:
     """Prompt lengths of the largest prefill step the scheduler can plan: the token budget in prompts
     of at most max_model_len tokens, at most max_seqs of them."""
@@ -76,6 +88,7 @@ class ModelRunner:
         self.max_num_reqs = config.scheduler.max_num_seqs
         # Batch sizes the decode graphs are captured at; the LM head of other steps pads to them too.
         self.batch_buckets = graph_batch_sizes(self.max_num_reqs)
+        self.token_buckets = graph_token_sizes(config.scheduler.max_num_batched_tokens)
         self.batch = InputBatch(self.max_num_reqs, config.max_model_len, self.block_size)
         self.kv_cache: torch.Tensor | None = None
         self.offload: HostKVTier | None = None
@@ -98,7 +111,10 @@ class ModelRunner:
         self.seq_lens, self.seq_lens_host = buffers(self.max_num_reqs, torch.int32)
         self.query_start_loc, self.query_start_loc_host = buffers(self.max_num_reqs + 1, torch.int32)
         self.block_tables, self.block_tables_host = buffers((self.max_num_reqs, self.batch.max_blocks), torch.int32)
+        # Decode graphs by batch size (their output: logits); graphs of the forward alone by token
+        # count (their output: hidden states), for steps with prompt tokens.
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # The last launched step's sampled tokens (device) and each sampling request's row in them.
         self.prev_tokens: torch.Tensor | None = None
         self.prev_index: dict[str, int] = {}
@@ -186,39 +202,50 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
-        """Capture the decode forward (through the LM head) for each batch-size bucket."""
-        sizes = self.batch_buckets
+        """Capture the decode forward (through the LM head) for each batch-size bucket, then the
+        forward alone for each token-count bucket of steps with prompt tokens."""
         self.seq_lens.zero_()
         self.query_start_loc.zero_()
         self.slot_mapping.fill_(-1)
         pool = None
-        for size in tqdm(list(reversed(sizes)), desc="Capturing CUDA graphs", unit="graph"):
-            meta = self._decode_metadata(size)
-            self._decode_forward(size, meta)  # compile and warm up outside the capture
+        captures = [(self.graphs, size, self._decode_forward) for size in reversed(self.batch_buckets)]
+        captures += [(self.mixed_graphs, size, self._mixed_forward) for size in reversed(self.token_buckets)]
+        for graphs, size, forward in tqdm(captures, desc="Capturing CUDA graphs", unit="graph"):
+            forward(size)  # compile and warm up outside the capture
             # Let NCCL's watchdog see the warm-up's all-reduces finish before capturing, and keep
             # its event queries (another thread) legal while this thread captures.
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                logits = self._decode_forward(size, meta)
+                output = forward(size)
             pool = graph.pool()
-            self.graphs[size] = (graph, logits)
+            graphs[size] = (graph, output)
         torch.cuda.synchronize(self.device)
 
-    def _decode_metadata(self, size: int) -> AttentionMetadata:
+    def _graph_metadata(self, num_tokens: int, num_reqs: int, max_query_len: int) -> AttentionMetadata:
+        """A graph's view of the device buffers: whole block-table rows, which it reads up to each
+        seq_len only, and a longest query that bounds any step the graph replays."""
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
-            max_query_len=1,
+            slot_mapping=self.slot_mapping[:num_tokens],
+            query_start_loc=self.query_start_loc[: num_reqs + 1],
+            seq_lens=self.seq_lens[:num_reqs],
+            block_tables=self.block_tables[:num_reqs],
+            max_query_len=max_query_len,
             query_start_loc_cpu=[],
             seq_lens_cpu=[],
         )
 
-    def _decode_forward(self, size: int, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
+    def _decode_forward(self, size: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self._graph_metadata(size, size, 1))
         return self.model.compute_logits(hidden, gather=not self.seq_parallel)
+
+    def _mixed_reqs(self, num_tokens: int) -> int:
+        """Requests a step of num_tokens tokens can hold: each has one at least."""
+        return min(num_tokens, self.max_num_reqs)
+
+    def _mixed_forward(self, num_tokens: int) -> torch.Tensor:
+        meta = self._graph_metadata(num_tokens, self._mixed_reqs(num_tokens), num_tokens)
+        return self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -241,13 +268,14 @@ class ModelRunner:
         starts: np.ndarray,
         counts: np.ndarray,
         carried: list[tuple[int, int]],
-        pad_to: int | None = None,
+        padded: tuple[int, int] | None = None,
     ) -> AttentionMetadata:
         """Build the flat inputs on the host, copy them to the device buffers; returns the metadata.
 
         `carried` lists (flat token index, row in the previous step's sampled tokens) for inputs
-        that come from the device. With pad_to, the batch is padded to that many one-token
-        sequences that attend to nothing.
+        that come from the device. With padded = (tokens, requests), as a graph's shapes, the
+        tokens past the step's belong to no sequence and write no cache slot, and the requests past
+        its own have no query and attend to nothing.
         """
         if self.staged is not None:
             self.staged.synchronize()  # the previous step's copies must have read the pinned buffers
@@ -259,9 +287,7 @@ class ModelRunner:
         width = int(-(-seq_lens.max() // self.block_size))
         # A captured graph reads its block table rows up to each seq_len only, so the stale columns
         # past `width` and the stale rows past the real requests are never seen.
-        padded_reqs = padded_tokens = pad_to if pad_to is not None else num_reqs
-        if pad_to is None:
-            padded_tokens = num_tokens
+        padded_tokens, padded_reqs = padded or (num_tokens, num_reqs)
 
         host = [self.input_ids_host, self.positions_host, self.slot_mapping_host]
         for buf, values in zip(host, (token_ids, positions, slots)):
@@ -363,22 +389,32 @@ class ModelRunner:
         # of a longer prompt does not).
         decode_only = bool(samples) and len(samples) == len(states) and int(counts.max()) == 1 and load_step is None
         graph_size = self._graph_size(len(states)) if decode_only else None
+        n = int(counts.sum())
+        # Steps with a prompt chunk (a query longer than one token) take the mixed graphs; a
+        # KV load waits inside the forward, layer by layer, which a graph cannot.
+        mixed_size = self._mixed_size(n) if int(counts.max()) > 1 and load_step is None else None
         if graph_size is not None:
-            self._stage(rows, starts, counts, carried, pad_to=graph_size)
+            self._stage(rows, starts, counts, carried, padded=(graph_size, graph_size))
             graph, graph_logits = self.graphs[graph_size]
             graph.replay()
             self._inputs_read()
             logits = graph_logits[: len(states)]
         else:
-            meta = self._stage(rows, starts, counts, carried)
-            n = int(counts.sum())
-            timed = load_step is not None and self.device.type == "cuda"
-            if load_step is not None:
-                meta.before_attention = load_step.wait_for_layer
-            forward_start = self._mark() if timed else None
-            hidden = self._forward(n, meta)
-            if timed:
-                self.load_steps.append((load_step, forward_start, self._mark()))
+            if mixed_size is not None:
+                self._stage(rows, starts, counts, carried, padded=(mixed_size, self._mixed_reqs(mixed_size)))
+                graph, graph_hidden = self.mixed_graphs[mixed_size]
+                graph.replay()
+                self._inputs_read()
+                hidden = graph_hidden[:n]
+            else:
+                meta = self._stage(rows, starts, counts, carried)
+                timed = load_step is not None and self.device.type == "cuda"
+                if load_step is not None:
+                    meta.before_attention = load_step.wait_for_layer
+                forward_start = self._mark() if timed else None
+                hidden = self._forward(n, meta)
+                if timed:
+                    self.load_steps.append((load_step, forward_start, self._mark()))
             if not samples:
                 self.prev_tokens, self.prev_index = None, {}
                 self.prev_end = None  # a step without samples is not profiled: no gap to measure
@@ -516,6 +552,11 @@ class ModelRunner:
 
     def _graph_size(self, num_reqs: int) -> int | None:
         return self._bucket(num_reqs) if self.graphs else None
+
+    def _mixed_size(self, num_tokens: int) -> int | None:
+        """The smallest mixed-graph token count that holds num_tokens; None without one."""
+        i = bisect.bisect_left(self.token_buckets, num_tokens)
+        return self.token_buckets[i] if self.mixed_graphs and i < len(self.token_buckets) else None
 
 
 def sampling_rows_of(states: list[RunnerRequest]) -> list[SamplingRow]:

@@ -11,7 +11,9 @@ When a batch's sampling is the one-pass Gumbel-max alone (no filter, penalty or 
 `SamplingMetadata.fused_alone` says), no logits move at all: each rank draws over its own
 vocabulary shard, with the noise each column draws in an unsharded call, and an all-gather of
 every row's best (score, column) per chunk, a few bytes a row where the all-to-all moves a whole
-shard of it, lets every rank pick the same token (`vocab_parallel_gumbel`).
+shard of it, lets every rank pick the same token (`vocab_parallel_gumbel`). On GPUs with peer
+memory one kernel swaps the candidates and picks (`triton_sampling.exchange_pick`), where the
+collective took a stack, NCCL's all-gather, a reorder and the pick.
 
 A row's token depends only on its own logits and parameters (seeded rows draw from a per-row
 stream), so the tokens are those of the all-gather path whichever rank samples the row.
@@ -65,6 +67,9 @@ def vocab_parallel_gumbel(local_logits: torch.Tensor, metadata: SamplingMetadata
     num_chunks = chunks_for(batch, shard)
     scores, indices = gumbel_candidates(local_logits, metadata.fused_temperature, metadata.fused_seeds, lo,
                                         min(lo + shard, vocab_size), num_chunks)
+    picked = ps.tp_pick_candidates(scores, indices)  # one kernel over peer memory, where GPUs have it
+    if picked is not None:
+        return picked
     # One collective for both: the columns travel as the bits of float32s.
     mine = torch.stack([scores, indices.view(torch.float32)])
     # Gathered as ranks' tensors end to end along the first dimension (gloo takes no other layout).

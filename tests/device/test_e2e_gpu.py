@@ -35,6 +35,29 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model, name):
     assert [o.outputs[0].token_ids for o in graphs] == [o.outputs[0].token_ids for o in eager]
 
 
+def test_cuda_graphs_of_steps_with_prompt_chunks_give_the_same_tokens_as_eager(tiny_model):
+    """Prompts chunked by a 64-token budget, beside decodes: every step with a chunk replays the
+    forward's graph for 16, 32 or 64 tokens, with padding tokens and requests."""
+    path = tiny_model("llama")
+    prompts = random_prompts(12, seed=7, max_len=100)
+    eager = LLM(path, enforce_eager=True, max_num_batched_tokens=64, gpu_memory_utilization=0.3)
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY, use_tqdm=False)]
+    del eager
+    gc.collect()
+    llm = LLM(path, max_num_batched_tokens=64, gpu_memory_utilization=0.3)
+    runner = llm.engine.core.executor.worker.runner
+    assert sorted(runner.mixed_graphs) == [16, 32, 64]
+    replayed = []
+    size_of = runner._mixed_size
+    runner._mixed_size = lambda n: replayed.append(size_of(n)) or replayed[-1]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    del runner._mixed_size, runner, llm  # the wrapper holds the runner: free its memory for the next test
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert replayed and all(size in (16, 32, 64) for size in replayed)  # no step with a chunk ran eagerly
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_programmatic_dependent_launch_gives_the_same_tokens(tiny_model, dtype, monkeypatch):
     """PDL only moves kernel launches earlier: the tokens must be bit-identical with it off, for a

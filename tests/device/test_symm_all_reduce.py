@@ -1,5 +1,6 @@
 """All-reduce over peer memory sums what NCCL sums, eagerly and replayed in CUDA graphs, and the
-one-shot kernel fused with the residual add and RMSNorm equals the all-reduce followed by them."""
+one-shot kernel fused with the residual add and RMSNorm equals the all-reduce followed by them;
+sampling candidates swapped over peer memory give the tokens NCCL's all-gather gives."""
 
 import pytest
 import torch
@@ -136,6 +137,43 @@ def _fused(rank, world, port, queue):
 
 def test_fused_all_reduce_add_norm_equals_all_reduce_then_norm():
     assert run_ranks(_fused, 2) == 0
+
+
+def _vocab_parallel_picks(rank, world, port, queue):
+    """Each rank's Gumbel candidates over its shard of a 128k vocabulary, picked over peer memory
+    and, as the reference, all-gathered by NCCL and picked by the single-GPU kernel."""
+    import torch.distributed as dist
+
+    from albireo.kernels.triton_sampling import chunks_for, gumbel_candidates, pick_candidates
+
+    ps = _join(rank, world, port, torch.bfloat16)
+    vocab = 128256
+    shard = -(-vocab // world)
+    wrong = 0
+    for batch in (1, 7, 512, 1, 64):  # more calls than rounds; chunked rows and one chunk a row
+        torch.manual_seed(batch)  # the same full logits on every rank, each keeping its shard
+        logits = torch.randn(batch, vocab, device="cuda")
+        logits[0, 5] = logits[0, vocab - 3] = 100.0  # a tie across the shards: the first column wins
+        local = logits[:, rank * shard : (rank + 1) * shard].contiguous()
+        temperature = torch.rand(batch, device="cuda")
+        temperature[0] = 0.0
+        seeds = torch.arange(batch, device="cuda", dtype=torch.int64) * 31 + 7
+        lo = rank * shard
+        scores, indices = gumbel_candidates(local, temperature, seeds, lo, min(lo + shard, vocab),
+                                            chunks_for(batch, shard))
+        picked = ps.tp_pick_candidates(scores, indices)
+        gathered = [torch.empty_like(scores) for _ in range(world)], [torch.empty_like(indices) for _ in range(world)]
+        dist.all_gather(gathered[0], scores)
+        dist.all_gather(gathered[1], indices)
+        expected = pick_candidates(torch.cat(gathered[0], dim=1), torch.cat(gathered[1], dim=1))
+        wrong += int(picked is None or not torch.equal(picked, expected)) + int(expected[0].item() != 5)
+    dist.barrier()
+    if rank == 0:
+        queue.put(wrong)
+
+
+def test_vocab_parallel_pick_over_peer_memory_equals_nccl_gather_then_pick():
+    assert run_ranks(_vocab_parallel_picks, 2) == 0
 
 
 def _copy_engine_layers(rank, world, port, queue, dtype):
