@@ -111,10 +111,18 @@ def _push_all_reduce_kernel(
     own = tl.multiple_of(tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype)), 16)
     for row in range(first, rows, step):
         at = row * N  # < slot_numel: fits int32
+        # This rank's own part (read where it is, never copied into a slot) and the residual are
+        # loaded before the peers' parts are polled for, so they arrive while those cross NVLink.
+        mine = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+        if HAS_NORM:
+            if PUSHED:
+                r = residual_row
+            else:
+                r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for src in tl.static_range(WORLD):
-            if src == RANK:  # this rank's own part is read where it is, never copied into a slot
-                v = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+            if src == RANK:
+                v = mine
             else:
                 slot = own + round_base + src * slot_numel + at
                 v = tl.load(slot, mask=mask, other=0.0, volatile=True)
@@ -124,10 +132,6 @@ def _push_all_reduce_kernel(
             total += v.to(tl.float32)
         s = total.to(dtype)
         if HAS_NORM:
-            if PUSHED:
-                r = residual_row
-            else:
-                r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
             s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
             tl.store(res_ptr + at + cols, s, mask=mask)
             s = rms_normalize(s, w, N, eps)
