@@ -13,7 +13,8 @@ interpreter.require_triton()
 
 WORLD, SHARD = 3, 100_000
 # (rows, chunks a row, programs): more calls than rounds, so slots are reused; a row of more chunks
-# than one tile of the kernel; fewer programs than rows, so a program sends all its rows first.
+# than one tile of the kernel; fewer programs than rows, so programs take several rows each (the
+# interpreter runs programs one after another, so this cannot show that they send before waiting).
 CALLS = [(1, 5, None), (4, 3, 2), (2, 130, None), (3, 1, 1), (1, 5, None)]
 
 

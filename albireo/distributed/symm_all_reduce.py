@@ -96,6 +96,14 @@ class SymmMemAllReduce:
             return None
         return self.sampling_kernels.exchange_pick(scores, indices, self.candidate_exchange, self.world)
 
+    def compile_pick(self) -> None:
+        """Compile the pick kernel now, by running it once, rather than in a first sampling step
+        (a stall of tens of milliseconds mid-run, as the sampler's kernels once made in W1's first
+        steps). A collective: every rank calls it, once all have this object."""
+        one = torch.zeros(1, 1, device=self.peers.device)
+        self.pick(one, one.to(torch.int32))
+        torch.cuda.synchronize(self.peers.device)
+
     def two_shot(self, x: torch.Tensor) -> torch.Tensor:
         staged = self.staging[: x.numel()]
         staged.copy_(x.reshape(-1))

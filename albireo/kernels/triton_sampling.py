@@ -228,8 +228,10 @@ def exchange_pick(scores: torch.Tensor, indices: torch.Tensor, exchange: Candida
     batch, num_chunks = scores.shape
     assert batch * num_chunks <= exchange.slot_numel
     out = torch.empty(batch, dtype=torch.int64, device=scores.device)
-    if max_programs is None:  # one-warp programs, every one resident while it waits
-        max_programs = 8 * sm_count(scores.device)
+    if max_programs is None:
+        # Every program must be resident while it waits for its peers' rows: two one-warp programs
+        # an SM leave room for whatever else runs (an SM holds 32).
+        max_programs = 2 * sm_count(scores.device)
     _exchange_pick_kernel[(max(1, min(batch, max_programs)),)](
         scores.contiguous(), indices.contiguous(), out, exchange.peers, exchange.rounds, batch, num_chunks,
         exchange.slot_numel, RANK=exchange.rank, WORLD=world, ROUNDS=ROUNDS, BLOCK=_CHUNK_TILE, num_warps=1,

@@ -59,9 +59,10 @@ MAX_MIXED_GRAPH_TOKENS = 512
 
 
 def graph_token_sizes(max_tokens: int) -> list[int]:
-    """Token counts a step with prompt tokens is padded up to, each with a graph of the forward."""
-    sizes = [16, 32, 64, 128, 256, 384, 512]
-    return [s for s in sizes if s <= min(max_tokens, MAX_MIXED_GRAPH_TOKENS)]
+    """Token counts a step with prompt tokens is padded up to, each with a graph of the forward;
+    the largest is the token budget itself where it is below MAX_MIXED_GRAPH_TOKENS."""
+    largest = min(max_tokens, MAX_MIXED_GRAPH_TOKENS)
+    return sorted({s for s in (16, 32, 64, 128, 256, 384, 512) if s <= largest} | {largest})
 
 
 def largest_prefill(token_budget: int, max_model_len: int, max_seqs: int) -> np.ndarray:
