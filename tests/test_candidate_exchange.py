@@ -13,7 +13,8 @@ interpreter.require_triton()
 
 WORLD, SHARD = 3, 100_000
 # (rows, chunks a row, programs): more calls than rounds, so slots are reused; a row of more chunks
-# than one tile of the kernel; fewer programs than rows, so a program sends all its rows first.
+# than one tile of the kernel; fewer programs than rows, so programs take several rows each (the
+# interpreter runs programs one after another, so this cannot show that they send before waiting).
 CALLS = [(1, 5, None), (4, 3, 2), (2, 130, None), (3, 1, 1), (1, 5, None)]
 
 
@@ -33,13 +34,13 @@ def _rank(rank, exchanges, rounds, outputs):
     import interpreter
 
     assert interpreter.enable()
-    from albireo.kernels.triton_all_reduce import ROUNDS
-    from albireo.kernels.triton_sampling import CandidateExchange, exchange_pick
+    from albireo.kernels.triton_all_reduce import ROUNDS, ExchangeSlots
+    from albireo.kernels.triton_sampling import exchange_pick
 
     peers = torch.tensor([e.data_ptr() for e in exchanges], dtype=torch.int64)
-    exchange = CandidateExchange(peers, rounds[rank], exchanges[0].numel() // (ROUNDS * WORLD), rank)
+    exchange = ExchangeSlots(peers, rounds[rank], exchanges[0].numel() // (ROUNDS * WORLD), rank)
     for call, (_, _, programs) in enumerate(CALLS):
-        outputs[rank][call].copy_(exchange_pick(*_candidates(call, rank), exchange, WORLD, max_programs=programs))
+        outputs[rank][call].copy_(exchange_pick(*_candidates(call, rank), exchange, max_programs=programs))
 
 
 @pytest.fixture(scope="module")

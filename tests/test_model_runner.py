@@ -23,5 +23,5 @@ def test_steps_with_prompt_tokens_get_graphs_up_to_512_tokens():
     assert graph_token_sizes(8192) == [16, 32, 64, 128, 256, 384, 512]
 
 
-def test_no_step_graph_is_larger_than_the_token_budget():
-    assert graph_token_sizes(100) == [16, 32, 64]
+def test_a_token_budget_below_512_is_the_largest_step_graph():
+    assert graph_token_sizes(100) == [16, 32, 64, 100]

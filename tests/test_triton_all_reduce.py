@@ -32,8 +32,8 @@ def _rank(rank, exchanges, rounds, inputs, residuals, weight, outputs):
     import interpreter
 
     assert interpreter.enable()
-    from albireo.kernels.triton_all_reduce import ROUNDS, push_all_reduce
-    from albireo.kernels.triton_gemv import PushTarget, gemv
+    from albireo.kernels.triton_all_reduce import ROUNDS, ExchangeSlots, push_all_reduce
+    from albireo.kernels.triton_gemv import gemv
 
     slot_numel = exchanges[0].numel() // (ROUNDS * WORLD)
     peers = torch.tensor([e.data_ptr() for e in exchanges], dtype=torch.int64)
@@ -43,7 +43,7 @@ def _rank(rank, exchanges, rounds, inputs, residuals, weight, outputs):
             # A weight whose product with the one-hot rows is this call's input x, exactly.
             gemv_weight = torch.zeros(HIDDEN, GEMV_K, dtype=x.dtype)
             gemv_weight[:, torch.arange(ROWS) % GEMV_K] = x.t()
-            x = gemv(_one_hot_rows(x.dtype), gemv_weight, push=PushTarget(peers, rounds[rank], slot_numel, rank))
+            x = gemv(_one_hot_rows(x.dtype), gemv_weight, push=ExchangeSlots(peers, rounds[rank], slot_numel, rank))
         if kind == "sum":
             out = push_all_reduce(x, peers, rounds[rank], slot_numel, rank, max_programs=programs)
         else:

@@ -8,7 +8,8 @@ import interpreter
 
 IN_PROCESS, interpreted, test_in_interpreter_subprocess = interpreter.kernel_test_module(__file__)
 if IN_PROCESS:
-    from albireo.kernels.triton_gemv import CONFIGS, PushTarget, gemv
+    from albireo.kernels.triton_all_reduce import ExchangeSlots
+    from albireo.kernels.triton_gemv import CONFIGS, gemv
 
 
 def small(config):
@@ -66,7 +67,7 @@ def test_a_push_target_gets_the_product_in_this_ranks_slot_of_each_peers_current
     buffers = [torch.full((rounds_n * world * slot,), -0.0, dtype=torch.bfloat16) for _ in range(world)]
     peers = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
     rounds = torch.tensor([2, 0], dtype=torch.int32)
-    y = gemv(x, w, config=small(CONFIGS[0]), push=PushTarget(peers, rounds, slot, rank))
+    y = gemv(x, w, config=small(CONFIGS[0]), push=ExchangeSlots(peers, rounds, slot, rank))
     assert y[1, 5].view(torch.int16) == empty
     expected = torch.where(y == 0, 0.0, y).flatten().view(torch.int16)  # every zero as +0.0
     at = (2 * world + rank) * slot

@@ -107,6 +107,8 @@ def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype, max_activat
         _symm_all_reduce = None
     if not everywhere[1].item():
         _copy_engine_all_reduce = None
+    if _symm_all_reduce is not None:
+        _symm_all_reduce.compile_pick()
     return _symm_all_reduce is not None
 
 

@@ -37,7 +37,6 @@ class SymmMemAllReduce:
 
         # Imported here: Triton must not load in processes that may yet turn its interpreter on.
         from albireo.kernels import triton_all_reduce, triton_sampling
-        from albireo.kernels.triton_gemv import PushTarget
 
         self.kernels = triton_all_reduce
         self.sampling_kernels = triton_sampling
@@ -53,25 +52,22 @@ class SymmMemAllReduce:
 
         self.staging = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         symm_mem.rendezvous(self.staging, group)
-        exchange = symm_mem.empty(self.kernels.ROUNDS * world * self.one_shot_max_numel, dtype=dtype,
-                                  device=device)
-        exchange.fill_(-0.0)  # every slot empty before any peer can write
-        torch.cuda.synchronize(device)
-        handle = symm_mem.rendezvous(exchange, group)
-        self.exchange = exchange  # held: the peers' copies of `peers` point into it
-        self.peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.rounds = torch.zeros(2, dtype=torch.int32, device=device)
-        self.push_target = PushTarget(self.peers, self.rounds, self.one_shot_max_numel, self.rank)
 
-        candidates = symm_mem.empty(self.kernels.ROUNDS * world * MAX_CANDIDATES, dtype=torch.int64, device=device)
-        candidates.fill_(-1)  # every slot empty (no candidate's column is negative)
-        torch.cuda.synchronize(device)
-        handle = symm_mem.rendezvous(candidates, group)
-        self.candidates = candidates
-        self.candidate_exchange = triton_sampling.CandidateExchange(
-            torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device),
-            torch.zeros(2, dtype=torch.int32, device=device), MAX_CANDIDATES, self.rank)
-        self.world = world
+        def exchange_slots(slot_numel: int, dtype: torch.dtype, empty: float):
+            """ROUNDS x world slots in every rank's buffer, all `empty` before any peer can write."""
+            buffer = symm_mem.empty(self.kernels.ROUNDS * world * slot_numel, dtype=dtype, device=device)
+            buffer.fill_(empty)
+            torch.cuda.synchronize(device)
+            handle = symm_mem.rendezvous(buffer, group)
+            self.buffers.append(buffer)  # held: the peers' copies of its address point into it
+            return self.kernels.ExchangeSlots(torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device),
+                                              torch.zeros(2, dtype=torch.int32, device=device), slot_numel, self.rank)
+
+        self.buffers: list[torch.Tensor] = []
+        # The all-reduce's, which a pushing GEMV also writes into (`push_target`).
+        self.push_target = exchange_slots(self.one_shot_max_numel, dtype, -0.0)
+        self.peers, self.rounds = self.push_target.peers, self.push_target.rounds
+        self.candidate_exchange = exchange_slots(MAX_CANDIDATES, torch.int64, triton_sampling.EMPTY_CANDIDATE.value)
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether one of the two kernels sums x; the caller sends the rest to NCCL."""
@@ -94,7 +90,15 @@ class SymmMemAllReduce:
         (`albireo.kernels.triton_sampling.exchange_pick`); None when there are too many of them."""
         if scores.numel() > MAX_CANDIDATES:
             return None
-        return self.sampling_kernels.exchange_pick(scores, indices, self.candidate_exchange, self.world)
+        return self.sampling_kernels.exchange_pick(scores, indices, self.candidate_exchange)
+
+    def compile_pick(self) -> None:
+        """Compile the pick kernel now, by running it once, rather than in a first sampling step
+        (a stall of tens of milliseconds mid-run, as the sampler's kernels once made in W1's first
+        steps). A collective: every rank calls it, once all have this object."""
+        one = torch.zeros(1, 1, device=self.peers.device)
+        self.pick(one, one.to(torch.int32))
+        torch.cuda.synchronize(self.peers.device)
 
     def two_shot(self, x: torch.Tensor) -> torch.Tensor:
         staged = self.staging[: x.numel()]

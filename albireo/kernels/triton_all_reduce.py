@@ -8,7 +8,7 @@ current round in every peer's buffer, then polls its own buffer's slots of the p
 element is -0.0 any more, adds them and its own partial sums (read in place) in rank order and
 writes -0.0 back behind it. Since each element is written once per round, "not -0.0" means "this
 peer's value arrived": no flags, no barrier, one launch. At batch 1 the row-parallel GEMV writes its
-product into the peers' slots itself (`albireo.kernels.triton_gemv.PushTarget`), as its programs
+product into the peers' slots itself (`albireo.kernels.triton_gemv.gemv(push=...)`), as its programs
 finish, and this kernel is told so (`pushed`): it only waits and sums.
 
 The round lives in device memory (a counter the call's last program advances), not in Python, so a
@@ -23,6 +23,8 @@ that follow a row-parallel layer (as `albireo.kernels.triton_fused.rms_norm`, sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,19 @@ from albireo.kernels import pdl, sm_count
 from albireo.kernels.triton_fused import MAX_NORM_BLOCK, norm_num_warps, rms_normalize
 
 ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class ExchangeSlots:
+    """A rank's view of exchange buffers in this scheme: every rank's buffer address (int64 [world]),
+    this rank's round counter (int32 [2]), a slot's size in elements, and the rank. Where a pushing
+    GEMV sends its part of an all-reduce (`triton_gemv.gemv(push=...)`), and through which the
+    vocabulary-parallel sampler swaps its candidates (`triton_sampling.exchange_pick`)."""
+
+    peers: torch.Tensor
+    rounds: torch.Tensor
+    slot_numel: int
+    rank: int
 
 
 @triton.jit
@@ -47,6 +62,18 @@ def as_summand(v, WIDE: tl.constexpr):
     """v as it may go into an exchange slot: any -0.0, which would read as empty, as +0.0 (the
     same summand)."""
     return tl.where(_empty(v, WIDE), 0.0, v).to(v.dtype)
+
+
+@triton.jit
+def advance_round(round_ptr, turn, step, ROUNDS: tl.constexpr):
+    """The last of a call's `step` programs to get here moves this rank on to the next round. Every
+    program read the round before it arrived here, and the next call starts only after this kernel
+    has ended. A lone program (a batch-1 step's) needs no count, and no atomic's round trip."""
+    if step == 1:
+        tl.store(round_ptr, (turn + 1) % ROUNDS)
+    elif tl.atomic_add(round_ptr + 1, 1) == step - 1:
+        tl.store(round_ptr + 1, 0)
+        tl.store(round_ptr, (turn + 1) % ROUNDS)
 
 
 @triton.jit(do_not_specialize=["rows"])  # one compiled variant for every batch size
@@ -137,14 +164,7 @@ def _push_all_reduce_kernel(
             s = rms_normalize(s, w, N, eps)
         tl.store(out_ptr + at + cols, s.to(out_ptr.dtype.element_ty), mask=mask)
 
-    # The last program to finish moves this rank on to the next round; every program read the
-    # round before it arrived here, and the next call starts only after this kernel has ended. A
-    # lone program (a batch-1 step's) needs no count, and no atomic's round trip at its end.
-    if step == 1:
-        tl.store(round_ptr, (turn + 1) % ROUNDS)
-    elif tl.atomic_add(round_ptr + 1, 1) == step - 1:
-        tl.store(round_ptr + 1, 0)
-        tl.store(round_ptr, (turn + 1) % ROUNDS)
+    advance_round(round_ptr, turn, step, ROUNDS)
 
 
 def fits(x: torch.Tensor, slot_numel: int) -> bool:
@@ -177,7 +197,7 @@ def push_all_reduce(
     SM took 512 rows of 4096 in 17.4 us against 19.4 with one (two H200s, 64 calls in a graph).
 
     pushed: the kernel that wrote x already sent it into the peers' buffers for this round (the
-    GEMV's `PushTarget`), so this kernel only waits for theirs and sums. That kernel must be the
+    GEMV's `push`), so this kernel only waits for theirs and sums. That kernel must be the
     one launched just before this one, and the grid must give every row a program of its own.
     """
     n = x.shape[-1]

@@ -12,7 +12,7 @@ multiply-adds with no cross-lane reduction, and no split-K pass follows. With SI
 row is a fused gate_up output [gate | up] and the kernel computes silu(gate) * up as it reads it
 (rounded where torch rounds), which saves the down projection a separate activation kernel.
 
-Under TP a row-parallel projection's output is one rank's part of a sum. Given a `PushTarget`, the
+Under TP a row-parallel projection's output is one rank's part of a sum. Given `push` (its exchange slots), the
 kernel also writes its outputs into every peer's exchange buffer of the one-shot all-reduce
 (`albireo/kernels/triton_all_reduce.py`) as each program finishes, so the values cross NVLink
 while the last programs still stream weights, and the all-reduce kernel after it only waits for
@@ -21,27 +21,14 @@ what its peers pushed (an H200 pair spent ~6 us a call from the GEMV's end to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from albireo.kernels import pdl
-from albireo.kernels.triton_all_reduce import as_summand
+from albireo.kernels.triton_all_reduce import ExchangeSlots, as_summand
 
-__all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS", "PushTarget"]
-
-
-@dataclass(frozen=True)
-class PushTarget:
-    """Where a rank's part of a one-shot all-reduce goes: the exchange buffers' addresses (int64
-    [world]), this rank's round counter (int32 [2]), a slot's size in elements, and the rank."""
-
-    peers: torch.Tensor
-    rounds: torch.Tensor
-    slot_numel: int
-    rank: int
+__all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS"]
 
 # The measurement covered up to 4 rows; past that a tensor-core GEMM reuses each weight tile.
 MAX_ROWS = 4
@@ -122,7 +109,7 @@ def config_for(k: int) -> tuple[int, int, int, int]:
 
 def gemv(
     x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False, config: tuple[int, int, int, int] | None = None,
-    out: torch.Tensor | None = None, push: PushTarget | None = None,
+    out: torch.Tensor | None = None, push: ExchangeSlots | None = None,
 ) -> torch.Tensor:
     """x [M, K] with M <= MAX_ROWS, w [N, K] -> x @ w.T, [M, N] in x's dtype (into `out` if given).
 

@@ -10,11 +10,11 @@ temperature 0 takes the plain argmax (first index among ties, like torch.argmax)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+
+from albireo.kernels.triton_all_reduce import ROUNDS, ExchangeSlots, advance_round
 
 
 # Programs wanted in flight at once: a batch too small to fill the GPU with one program per row
@@ -143,21 +143,8 @@ def pick_candidates(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
 
 
 # An exchange slot no peer has written this round: a packed candidate never equals it, as its low
-# half is a column (>= 0).
-_EMPTY_CANDIDATE = tl.constexpr(-1)
-
-
-@dataclass(frozen=True)
-class CandidateExchange:
-    """Peer buffers through which vocabulary-parallel ranks swap their sampling candidates (the
-    one-shot all-reduce's scheme, `albireo.kernels.triton_all_reduce`, carrying int64s): every
-    rank's buffer address (int64 [world]), this rank's round counter (int32 [2]), a slot's size in
-    candidates, and the rank. Buffers hold ROUNDS x world slots, all _EMPTY_CANDIDATE at first."""
-
-    peers: torch.Tensor
-    rounds: torch.Tensor
-    slot_numel: int
-    rank: int
+# half is a column (>= 0). Buffers hold ROUNDS x world slots of int64s, all of it at first.
+EMPTY_CANDIDATE = tl.constexpr(-1)
 
 
 @triton.jit(do_not_specialize=["rows", "NUM_CHUNKS"])
@@ -200,39 +187,36 @@ def _exchange_pick_kernel(
                 else:
                     slot = own + round_base + src * slot_numel + row * NUM_CHUNKS + c
                     v = tl.load(slot, mask=mask, other=0, volatile=True)
-                    while tl.max(((v == _EMPTY_CANDIDATE) & mask).to(tl.int32), axis=0) > 0:
+                    while tl.max(((v == EMPTY_CANDIDATE) & mask).to(tl.int32), axis=0) > 0:
                         v = tl.load(slot, mask=mask, other=0, volatile=True)
-                    tl.store(slot, tl.full([BLOCK], _EMPTY_CANDIDATE, tl.int64), mask=mask)
+                    tl.store(slot, tl.full([BLOCK], EMPTY_CANDIDATE, tl.int64), mask=mask)
                     score = tl.where(mask, (v >> 32).to(tl.int32).to(tl.float32, bitcast=True), float("-inf"))
                     idx = tl.where(mask, v.to(tl.int32), 2147483647)
                 best, best_idx = _best_of(score, idx, best, best_idx)
         tl.store(out_ptr + row, best_idx.to(tl.int64))
 
-    # The last program to finish moves this rank on to the next round (as the all-reduce does).
-    if step == 1:
-        tl.store(round_ptr, (turn + 1) % ROUNDS)
-    elif tl.atomic_add(round_ptr + 1, 1) == step - 1:
-        tl.store(round_ptr + 1, 0)
-        tl.store(round_ptr, (turn + 1) % ROUNDS)
+    advance_round(round_ptr, turn, step, ROUNDS)
 
 
-def exchange_pick(scores: torch.Tensor, indices: torch.Tensor, exchange: CandidateExchange, world: int,
+def exchange_pick(scores: torch.Tensor, indices: torch.Tensor, exchange: ExchangeSlots,
                   max_programs: int | None = None) -> torch.Tensor:
     """Every row's token from this rank's candidates [B, C] of its vocabulary shard and the peers'
     (the same C each, shards in rank order), swapped through `exchange`: what pick_candidates gives
     on all ranks' candidates concatenated, in one launch instead of a collective and a pick. Every
-    rank must make the same sequence of calls, with B * C <= exchange.slot_numel."""
+    rank must make the same sequence of calls, with B * C <= exchange.slot_numel (int64 slots, all
+    EMPTY_CANDIDATE before the first call)."""
     from albireo.kernels import sm_count
-    from albireo.kernels.triton_all_reduce import ROUNDS
 
     batch, num_chunks = scores.shape
     assert batch * num_chunks <= exchange.slot_numel
     out = torch.empty(batch, dtype=torch.int64, device=scores.device)
-    if max_programs is None:  # one-warp programs, every one resident while it waits
-        max_programs = 8 * sm_count(scores.device)
+    if max_programs is None:
+        # Every program must be resident while it waits for its peers' rows: two one-warp programs
+        # an SM leave room for whatever else runs (an SM holds 32).
+        max_programs = 2 * sm_count(scores.device)
     _exchange_pick_kernel[(max(1, min(batch, max_programs)),)](
         scores.contiguous(), indices.contiguous(), out, exchange.peers, exchange.rounds, batch, num_chunks,
-        exchange.slot_numel, RANK=exchange.rank, WORLD=world, ROUNDS=ROUNDS, BLOCK=_CHUNK_TILE, num_warps=1,
+        exchange.slot_numel, RANK=exchange.rank, WORLD=exchange.peers.numel(), ROUNDS=ROUNDS, BLOCK=_CHUNK_TILE, num_warps=1,
     )
     return out
 

@@ -59,9 +59,10 @@ MAX_MIXED_GRAPH_TOKENS = 512
 
 
 def graph_token_sizes(max_tokens: int) -> list[int]:
-    """Token counts a step with prompt tokens is padded up to, each with a graph of the forward."""
-    sizes = [16, 32, 64, 128, 256, 384, 512]
-    return [s for s in sizes if s <= min(max_tokens, MAX_MIXED_GRAPH_TOKENS)]
+    """Token counts a step with prompt tokens is padded up to, each with a graph of the forward;
+    the largest is the token budget itself where it is below MAX_MIXED_GRAPH_TOKENS."""
+    largest = min(max_tokens, MAX_MIXED_GRAPH_TOKENS)
+    return sorted({s for s in (16, 32, 64, 128, 256, 384, 512) if s <= largest} | {largest})
 
 
 def largest_prefill(token_budget: int, max_model_len: int, max_seqs: int) -> np.ndarray:
@@ -547,16 +548,20 @@ class ModelRunner:
 
     def _bucket(self, num_reqs: int) -> int | None:
         """The smallest decode-graph batch size that holds num_reqs rows; None past the largest."""
-        i = bisect.bisect_left(self.batch_buckets, num_reqs)
-        return self.batch_buckets[i] if i < len(self.batch_buckets) else None
+        return _smallest_holding(self.batch_buckets, num_reqs)
 
     def _graph_size(self, num_reqs: int) -> int | None:
         return self._bucket(num_reqs) if self.graphs else None
 
     def _mixed_size(self, num_tokens: int) -> int | None:
         """The smallest mixed-graph token count that holds num_tokens; None without one."""
-        i = bisect.bisect_left(self.token_buckets, num_tokens)
-        return self.token_buckets[i] if self.mixed_graphs and i < len(self.token_buckets) else None
+        return _smallest_holding(self.token_buckets, num_tokens) if self.mixed_graphs else None
+
+
+def _smallest_holding(sizes: list[int], n: int) -> int | None:
+    """The smallest of the sorted sizes that is at least n; None past the largest."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
 
 
 def sampling_rows_of(states: list[RunnerRequest]) -> list[SamplingRow]:
