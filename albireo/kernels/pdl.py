@@ -16,6 +16,8 @@ pushing GEMV reads the round and the residual early on that ground). Keep the tr
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -25,12 +27,25 @@ from albireo import kernels
 
 _capable: dict[int, bool] = {}
 
+# Experiment: kernels whose successor reads only weights before its wait let it launch at once.
+_EARLY = tl.constexpr(os.environ.get("ALBIREO_EARLY_TRIGGER", "1") != "0")
+
 
 @triton.jit
 def wait_for_previous(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def launch_next_now(PDL: tl.constexpr):
+    """Let the next kernel launch before this one waits. Only for kernels followed by one that reads
+    nothing but weights before its own wait (a GEMV, a norm), so that it starts streaming them
+    sooner; never for a kernel followed by one that reads earlier kernels' outputs before its wait."""
+    if PDL:
+        if _EARLY:
+            gdc_launch_dependents()
 
 
 def enabled(x: torch.Tensor) -> bool:

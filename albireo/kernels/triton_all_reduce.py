@@ -99,6 +99,7 @@ def _push_all_reduce_kernel(
 ):
     first = tl.program_id(0)
     step = tl.num_programs(0)
+    pdl.launch_next_now(PDL)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     dtype = x_ptr.dtype.element_ty

@@ -376,6 +376,7 @@ def _decode_merge_kernel(
     stride_ot, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl.launch_next_now(PDL)  # o_proj's GEMV follows
     pdl.wait_for_previous(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)

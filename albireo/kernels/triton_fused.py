@@ -68,6 +68,7 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # no kernel writes a weight: read before the wait
+    pdl.launch_next_now(PDL)  # a projection follows
     pdl.wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     a = row // B
