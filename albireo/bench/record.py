@@ -48,6 +48,8 @@ def engine_facts(llm, args) -> dict:
         "fused_kernels": config.fused_kernels,
         # Programmatic dependent launch (albireo/kernels/pdl.py), switched off by ALBIREO_PDL=0.
         "pdl": config.device == "cuda" and kernels.use_pdl,
+        # The kernels before a GEMV or a norm letting it launch before they wait, ALBIREO_EARLY_LAUNCH=0 off.
+        "early_launch": config.device == "cuda" and kernels.use_pdl and kernels.early_launch,
         "copy_streams": config.device == "cuda" and model_runner.COPY_STREAMS,
         # TP=1 matmuls adding into the residual stream (albireo/layers/linear.py), ALBIREO_GEMM_RESIDUAL=0 off.
         "gemm_residual": (config.device == "cuda" and config.fused_kernels and linear.GEMM_RESIDUAL

@@ -13,6 +13,9 @@ use_fused = True
 # The A/B switch for programmatic dependent launch (albireo/kernels/pdl.py): ALBIREO_PDL=0 launches
 # every kernel the ordinary way. Kept here, away from triton, so records can report it on any machine.
 use_pdl = os.environ.get("ALBIREO_PDL", "1") != "0"
+# ... and for letting a GEMV or a norm launch before the kernel ahead of it waits (`pdl.launch_next_now`):
+# ALBIREO_EARLY_LAUNCH=0 keeps every trigger after its kernel's wait. Read when the kernels compile.
+early_launch = os.environ.get("ALBIREO_EARLY_LAUNCH", "1") != "0"
 
 
 def fused_on(x) -> bool:

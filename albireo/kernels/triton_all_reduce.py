@@ -99,7 +99,7 @@ def _push_all_reduce_kernel(
 ):
     first = tl.program_id(0)
     step = tl.num_programs(0)
-    pdl.launch_next_now(PDL)
+    pdl.launch_next_now(PDL)  # a projection or a norm follows, reading only weights before its wait
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     dtype = x_ptr.dtype.element_ty

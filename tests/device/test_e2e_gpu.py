@@ -272,16 +272,19 @@ def test_tp2_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_m
     assert tp2 == tp1
 
 
-def test_tp2_batch_1_gemvs_sending_their_all_reduce_part_give_the_same_tokens(tiny_model, monkeypatch):
-    """bf16 requests one at a time (the GEMV path) at TP=2: the GEMVs that push their part to the
-    peer give the tokens of the push kernel sending it (the workers read the switch when they start)."""
+@pytest.mark.parametrize("switch", ["ALBIREO_GEMV_PUSH", "ALBIREO_EARLY_LAUNCH"])
+def test_tp2_batch_1_steps_give_the_same_tokens_with_each_shortcut_off(tiny_model, monkeypatch, switch):
+    """bf16 requests one at a time (the GEMV path) at TP=2 give the same tokens with and without the
+    GEMVs pushing their part to the peer themselves (ALBIREO_GEMV_PUSH), and with and without the
+    kernels before a GEMV or a norm letting it launch before they wait (ALBIREO_EARLY_LAUNCH). The
+    workers read the switches when they start."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     path = tiny_model("llama")
     prompts = random_prompts(3, seed=15)
     runs = []
     for on in ("1", "0"):
-        monkeypatch.setenv("ALBIREO_GEMV_PUSH", on)
+        monkeypatch.setenv(switch, on)
         llm = LLM(path, dtype="bfloat16", tensor_parallel_size=2, gpu_memory_utilization=0.3)
         try:
             runs.append([llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts])
