@@ -228,10 +228,14 @@ def test_write_kv_skips_negative_slots(num_kv_heads, head_dim, page):
     slots[[2, 7]] = -1  # padding rows
     k_cache = torch.randn(num_blocks, page, num_kv_heads, head_dim, generator=gen)
     v_cache = torch.randn(num_blocks, page, num_kv_heads, head_dim, generator=gen)
+    _assert_write_kv_stores_what_the_reference_does(k, v, k_cache, v_cache, slots)
+
+
+def _assert_write_kv_stores_what_the_reference_does(k, v, k_cache, v_cache, slots):
+    """write_kv into the caches equals the reference writing the rows with a slot (>= 0)."""
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
     keep = slots >= 0
     reference.write_kv(k[keep], v[keep], k_expected, v_expected, slots[keep])
-
     ta.write_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_expected)
     assert torch.equal(v_cache, v_expected)
@@ -248,13 +252,7 @@ def test_write_kv_strided_input_and_dtype_conversion():
     slots = torch.tensor([3, 17, 18, 40, -5, 0], dtype=torch.int64)
     k_cache = torch.zeros(3, page, num_kv_heads, head_dim)
     v_cache = torch.zeros(3, page, num_kv_heads, head_dim)
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    keep = slots >= 0
-    reference.write_kv(k[keep], v[keep], k_expected, v_expected, slots[keep])
-
-    ta.write_kv(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache, k_expected)
-    assert torch.equal(v_cache, v_expected)
+    _assert_write_kv_stores_what_the_reference_does(k, v, k_cache, v_cache, slots)
 
 
 @interpreted
