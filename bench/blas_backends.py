@@ -1,9 +1,13 @@
-"""Time W2's linear layers under torch's two cuBLAS entry points, cuBLAS and cuBLASLt, on one GPU.
+"""Time W2's linear layers under torch's two cuBLAS entry points, cuBLAS and cuBLASLt, on one GPU,
+and through cuBLAS as the transposed product W x^T ([N, M] out), for which its heuristics pick
+tiles along the other dimension.
 
     python bench/blas_backends.py --out benchmarks/results/blas-backends-h200.json
 
 At TP=2 the decode step's gate/up GEMM (512 x 14336 x 4096) runs 224 tiles of 256 x 128 on 132 SMs,
 so its second wave is 70% full; cuBLASLt's heuristics may choose another kernel for the same shape.
+At TP=2 the decode GEMMs of 512 rows ran 5-27% below TP=1's TF/s (blas-backends-h200-be2ebbd.json),
+about 18 us a layer: the transposed product is the first thing to try for them.
 Each timing is a CUDA graph of calls cycling through enough weight copies to overflow L2.
 """
 
@@ -60,11 +64,18 @@ def main() -> None:
                 row[f"{backend}_tflops"] = 2 * m * n * k / row[f"{backend}_us"] / 1e6
                 row[f"{backend}_kernel"] = kernel_name(lambda: F.linear(x, weights[0]))
             torch.backends.cuda.preferred_blas_library("cublas")
-            row["max_abs_diff"] = (outputs["cublas"].float() - outputs["cublaslt"].float()).abs().max().item()
+            outputs["transposed"] = torch.mm(weights[0], x.t()).t()
+            row["transposed_us"] = graph_us(lambda: [torch.mm(weights[i % copies], x.t()) for i in range(calls)],
+                                            calls, 5)
+            row["transposed_tflops"] = 2 * m * n * k / row["transposed_us"] / 1e6
+            row["transposed_kernel"] = kernel_name(lambda: torch.mm(weights[0], x.t()))
+            row["max_abs_diff"] = max((outputs[b].float() - outputs["cublas"].float()).abs().max().item()
+                                      for b in ("cublaslt", "transposed"))
             record["shapes"][f"{name}_m{m}"] = row
             print(f"{name:12s} m={m:5d} N={n:6d} K={k:5d}  cuBLAS {row['cublas_us']:8.1f} us "
                   f"({row['cublas_tflops']:4.0f} TF/s)  cuBLASLt {row['cublaslt_us']:8.1f} us "
-                  f"({row['cublaslt_tflops']:4.0f} TF/s)  diff {row['max_abs_diff']:.1e}  "
+                  f"({row['cublaslt_tflops']:4.0f} TF/s)  W x^T {row['transposed_us']:8.1f} us "
+                  f"({row['transposed_tflops']:4.0f} TF/s)  diff {row['max_abs_diff']:.1e}  "
                   f"{row['cublas_kernel'][:40]} / {row['cublaslt_kernel'][:40]}", flush=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
