@@ -31,7 +31,12 @@ SHAPES = {  # name: (N, K) of one Llama-3.1-8B layer's projections at TP=1 and T
     "gate_up_tp2": (14336, 4096),
     "down_tp2": (4096, 7168),
 }
-BACKENDS = ("cublas", "cublaslt")
+# name: (torch's BLAS library, the product x W^T as [M, N]; the transposed one is a view of W x^T)
+VARIANTS = {
+    "cublas": ("cublas", F.linear),
+    "cublaslt": ("cublaslt", F.linear),
+    "transposed": ("cublas", lambda x, w: torch.mm(w, x.t()).t()),
+}
 
 
 def kernel_name(call) -> str:
@@ -56,21 +61,16 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             calls = 40 if m <= 512 else 8
             row, outputs = {}, {}
-            for backend in BACKENDS:
-                torch.backends.cuda.preferred_blas_library(backend)
-                outputs[backend] = F.linear(x, weights[0])
-                row[f"{backend}_us"] = graph_us(lambda: [F.linear(x, weights[i % copies]) for i in range(calls)],
+            for variant, (library, product) in VARIANTS.items():
+                torch.backends.cuda.preferred_blas_library(library)
+                outputs[variant] = product(x, weights[0])
+                row[f"{variant}_us"] = graph_us(lambda: [product(x, weights[i % copies]) for i in range(calls)],
                                                 calls, 5)
-                row[f"{backend}_tflops"] = 2 * m * n * k / row[f"{backend}_us"] / 1e6
-                row[f"{backend}_kernel"] = kernel_name(lambda: F.linear(x, weights[0]))
+                row[f"{variant}_tflops"] = 2 * m * n * k / row[f"{variant}_us"] / 1e6
+                row[f"{variant}_kernel"] = kernel_name(lambda: product(x, weights[0]))
             torch.backends.cuda.preferred_blas_library("cublas")
-            outputs["transposed"] = torch.mm(weights[0], x.t()).t()
-            row["transposed_us"] = graph_us(lambda: [torch.mm(weights[i % copies], x.t()) for i in range(calls)],
-                                            calls, 5)
-            row["transposed_tflops"] = 2 * m * n * k / row["transposed_us"] / 1e6
-            row["transposed_kernel"] = kernel_name(lambda: torch.mm(weights[0], x.t()))
-            row["max_abs_diff"] = max((outputs[b].float() - outputs["cublas"].float()).abs().max().item()
-                                      for b in ("cublaslt", "transposed"))
+            row["max_abs_diff"] = max((outputs[v].float() - outputs["cublas"].float()).abs().max().item()
+                                      for v in VARIANTS)
             record["shapes"][f"{name}_m{m}"] = row
             print(f"{name:12s} m={m:5d} N={n:6d} K={k:5d}  cuBLAS {row['cublas_us']:8.1f} us "
                   f"({row['cublas_tflops']:4.0f} TF/s)  cuBLASLt {row['cublaslt_us']:8.1f} us "
