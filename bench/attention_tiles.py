@@ -5,12 +5,12 @@
   and TP=2, 32 x 512), with torch's SDPA (flash) on the same tokens, unpaged, as the yardstick and
   the reference output;
 * decode: DecodeTiles (keys per tile, warps, stages) on the split-K decode path at the decode steps
-  of W5 and W1 (~1000 sequences), W2 (512) and W3 (batch 1, split over its context), checked
-  against the default shape's output;
+  of W5 and W1 (~1000 sequences), W2 (512, with spread and with even contexts) and W3 (batch 1,
+  split over its context), checked against the first config's output;
 * splits: the same decode steps at 1 to 4 KV splits per sequence and at the default count;
 * batch1: batch-1 decode at 128 to 2048 keys at 1 to 16 splits (the default count is 16).
 
-    python bench/attention_tiles.py [prefill] [decode] [splits] [batch1] [--out FILE.json]
+    python bench/attention_tiles.py [prefill] [decode] [splits] [batch1] [--shapes NAME_PART] [--out FILE.json]
 
 (benchmarks/results/prefill-attention-* and decode-attention-* were written by its two halves
 when they were separate scripts.)
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.record import device_name, git_commit, graph_us  # noqa: E402
-from albireo.kernels.triton_attention import DecodeTiles, PrefillTiles, default_num_splits, paged_attention  # noqa: E402
+from albireo.kernels.triton_attention import (  # noqa: E402
+    DecodeTiles, PrefillTiles, decode_tiles, default_num_splits, paged_attention, prefill_tiles,
+)
 
 # name: (query heads, KV heads, head dim, prompts, prompt length)
 PREFILL_SHAPES = {
@@ -45,6 +47,9 @@ DECODE_SHAPES = {
     "W1 llama-3.2-1b": (32, 8, 64, 1000, 1024, 1152),
     "W2 llama-3.1-8b TP1": (32, 8, 128, 512, 512, 768),
     "W2 llama-3.1-8b TP2": (16, 4, 128, 512, 512, 768),
+    # W2's running sequences entered within a few steps of each other: their contexts are close.
+    "W2 llama-3.1-8b TP1, even contexts": (32, 8, 128, 512, 640, 640),
+    "W2 llama-3.1-8b TP2, even contexts": (16, 4, 128, 512, 640, 640),
     "W3 llama-3.1-8b TP1": (32, 8, 128, 1, 256, 256),
     "W3 llama-3.1-8b TP2": (16, 4, 128, 1, 256, 256),
 }
@@ -103,7 +108,7 @@ def sweep_prefill(hq: int, hk: int, d: int, prompts: int, length: int) -> dict:
     sdpa_us = graph_us(lambda: [sdpa() for _ in range(CALLS)], CALLS)
     expected = sdpa().reshape(prompts * length, hq, d).float()
     return {"sdpa_us": sdpa_us, "sdpa_rate": flops / sdpa_us / 1e6, "unit": "TFLOP/s",
-            "configs": _sweep(PREFILL_CONFIGS, run, expected, flops)}
+            "configs": _sweep([prefill_tiles(d)] + PREFILL_CONFIGS, run, expected, flops)}
 
 
 def _decode_inputs(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: int):
@@ -124,8 +129,9 @@ def sweep_decode(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: in
     def run(tiles: DecodeTiles) -> torch.Tensor:
         return paged_attention(q, k_cache, v_cache, block_tables, starts, seq_lens, d**-0.5, 1, out=out, tiles=tiles)
 
-    expected = run(DECODE_CONFIGS[0]).float().clone()
-    return {"unit": "TB/s", "configs": _sweep(DECODE_CONFIGS, run, expected, kv_bytes)}
+    configs = [decode_tiles(d)] + DECODE_CONFIGS  # the engine's choice first
+    expected = run(configs[0]).float().clone()
+    return {"unit": "TB/s", "configs": _sweep(configs, run, expected, kv_bytes)}
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ def sweep_splits(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: in
                                num_splits=c.num_splits, tiles=tiles)
 
     split_counts = sorted({*counts, default})
-    configs = [Splits(n) for n in split_counts] + [Splits(n, DecodeTiles().kv_tile) for n in split_counts if n > 1]
+    configs = [Splits(n) for n in split_counts] + [Splits(n, decode_tiles(d).kv_tile) for n in split_counts if n > 1]
     return {"unit": "TB/s", "default_splits": default,
             "configs": _sweep(configs, run, run(Splits(1)).float(), kv_bytes)}
 
@@ -169,6 +175,7 @@ def main() -> None:
     parser.add_argument("paths", nargs="*", help="prefill, decode, splits, batch1; prefill and decode when "
                         "none is named")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--shapes", default="", help="only the shapes whose name contains this")
     args = parser.parse_args()
     if set(args.paths) - {"prefill", "decode", "splits", "batch1"}:
         parser.error(f"paths are prefill, decode, splits and batch1, not {' '.join(args.paths)}")
@@ -180,6 +187,8 @@ def main() -> None:
                          "batch1": (BATCH_1_SHAPES, sweep_batch_1_splits)}[path]
         record[path] = {}
         for name, shape in shapes.items():
+            if args.shapes not in name:
+                continue
             res = record[path][name] = {"shape": shape, **sweep(*shape)}
             unit = res["unit"]
             yardstick = f", SDPA {res['sdpa_us']:.1f} us ({res['sdpa_rate']:.2f} {unit})" if "sdpa_us" in res else ""

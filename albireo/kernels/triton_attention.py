@@ -50,7 +50,15 @@ class DecodeTiles:
     stages: int = 2
 
 
-DECODE_TILES = DecodeTiles()
+# By head dim, from bench/attention_tiles.py (benchmarks/results/decode-attention-*): at 128, tiles
+# of 32 keys over two warps read W2's decode KV 5-9% faster on an H200 at TP=2 (four KV heads) and
+# 0.3-2.6% at TP=1, and within 0.5% of the default on an H100; at 64 the default stayed best.
+DECODE_TILES = {128: DecodeTiles(kv_tile=32, warps=2)}
+
+
+def decode_tiles(head_dim: int) -> DecodeTiles:
+    return DECODE_TILES.get(head_dim, DecodeTiles())
+
 # A batch too small to fill the GPU splits each context; there, shorter tiles gave more splits work:
 # a batch-1 decode over 256 keys took 5.5 us against 6.8 (8B, H100, bench/attention_tiles.py).
 SPLIT_DECODE_TILES = DecodeTiles(kv_tile=32)
@@ -480,7 +488,7 @@ def paged_attention(
         if num_splits is None:
             num_splits = default_num_splits(num_seqs, num_kv_heads, block_tables.shape[1] * page, q.device)
         assert 1 <= num_splits
-        decode = tiles or (SPLIT_DECODE_TILES if num_splits > 1 else DECODE_TILES)
+        decode = tiles or (SPLIT_DECODE_TILES if num_splits > 1 else decode_tiles(head_dim))
         if num_splits > 1:
             part_lse_numel = num_seqs * num_q_heads * num_splits
             buf = _scratch_buffer(q.device, part_lse_numel * (head_dim + 1))
@@ -525,4 +533,4 @@ def paged_attention(
     return out
 
 
-__all__ = ["write_kv", "paged_attention", "default_num_splits", "DecodeTiles", "PrefillTiles"]
+__all__ = ["write_kv", "paged_attention", "default_num_splits", "decode_tiles", "DecodeTiles", "PrefillTiles"]
