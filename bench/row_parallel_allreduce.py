@@ -87,11 +87,11 @@ def _rank(rank: int, port: int, rows_list: list[int], chunk_counts: list[int], h
         for c, op in ce.items():
             halving = cear.chunk_bounds
             cear.chunk_bounds = lambda rows, chunks: [rows * i // chunks for i in range(chunks + 1)]
-            times[f"ce {c} even chunks"] = _ms(lambda: op.linear(x, w))
+            times[f"ce {c} even chunks"] = _ms(lambda: op.linear(x, w).wait_all())
             cear.chunk_bounds = halving
-            times[f"ce {c} chunks"] = _ms(lambda: op.linear(x, w))
-            times[f"ce {c} chunks + add"] = _ms(lambda: torch.add(*op.linear(x, w)))
-            worst = max(worst, (torch.add(*op.linear(x, w)) - expected).abs().max().item())
+            times[f"ce {c} chunks"] = _ms(lambda: op.linear(x, w).wait_all())
+            times[f"ce {c} chunks + add"] = _ms(lambda: op.linear(x, w).total())
+            worst = max(worst, (op.linear(x, w).total() - expected).abs().max().item())
         if rank == 0:
             gbps = rows * hidden * 2 / times["nccl"] / 1e6
             line = ", ".join(f"{k} {v:.3f}" for k, v in times.items())
@@ -105,7 +105,7 @@ def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidd
     from albireo.bench.record import graph_us
     from albireo.distributed import parallel_state as ps
     from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce
-    from albireo.layers.linear import RowParallelLinear
+    from albireo.layers.linear import RowParallelLinear, whole
     from albireo.layers.norm import RMSNorm
 
     device = torch.device("cuda", rank)
@@ -122,7 +122,7 @@ def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidd
 
             def step() -> None:  # an even number of layers, as a forward makes (the copy-engine slots)
                 for _ in range(CALLS):
-                    layer(x, residual=residual, norm=norm)
+                    whole(layer(x, residual=residual, norm=norm)[0])
 
             ps._copy_engine_all_reduce = None
             times[f"{name} push"] = graph_us(step, CALLS)

@@ -5,22 +5,26 @@ NCCL moved them at ~276 GB/s with kernels that hold SMs, so they hardly overlapp
 around them (37 of a 222 ms step on two H200s; bench/row_parallel_allreduce.py). Here a row-parallel
 layer runs its matmul in row chunks of halving sizes, and as each chunk lands a DMA copy on a stream of its own
 sends it into the peer's receive buffer over NVLink while the next chunk multiplies: the copy
-engines move the bytes, no SM does. After the last chunk each rank raises a flag in the peer's
-memory and waits for the peer's (stream memory operations: the GPU's front end writes and polls
-them, again without an SM); the kernel after the layer, the residual add and RMSNorm, adds what it
-received as it reads its own partial sum.
+engines move the bytes, no SM does. After each chunk's copy a rank raises that chunk's flag in the
+peer's memory (stream memory operations: the GPU's front end writes and polls them, again without
+an SM). The layer returns an `ArrivingSum`: whoever reads it waits for the peer's flag of each
+chunk just before it reads that chunk, so the next layer's norm and matmul on the first rows run
+while the last rows still cross NVLink (`albireo.layers.linear.ArrivingRows`). The residual add and
+RMSNorm add what was received as they read their own partial sum.
 
 Each rank sends its whole partial sum, N bytes, which at two ranks is what a reduce-scatter plus
 an all-gather send, with one handshake instead of two; at more ranks a whole copy per peer would
 send more than a ring, so this path is for pairs. a + b rounds the same on both ranks, so both
 hold the same sum.
 
-The receive buffer and the flag alternate between two slots by call parity. A peer raises a slot's
-flag (writes 1) after its copies; the rank waits for 1 and lowers it (writes 0) before it reads
-the slot. A rank sends call e + 2 only after its matmul of call e + 2, which follows its wait on
-the peer's flag of call e + 1, which the peer raised after it had sent call e + 1, which it did
-after it had read (and lowered) call e's slot: so a slot is never overwritten while its reader
-still needs it, nor raised again before it was lowered. The values are constants and the slot of
+The receive buffer and the flags alternate between two slots by call parity. A peer raises a
+chunk's flag (writes 1) after that chunk's copy; the rank waits for 1 and lowers it (writes 0)
+before it reads the chunk. Every chunk of a call is read before the next row-parallel layer (its
+reader is the column-parallel layer between them, or the model's end). A rank sends call e + 2
+only after its matmul of call e + 2, which follows its waits on the peer's flags of call e + 1,
+which the peer raised after it had sent call e + 1, which it did after it had read (and lowered)
+call e's slot: so a slot is never overwritten while its reader still needs it, nor raised again
+before it was lowered. The values are constants and the slot of
 a call is fixed when it is recorded, so a CUDA graph replays the handshake as it was captured:
 every forward makes an even number of calls (two per layer), so each starts at slot 0.
 """
@@ -29,6 +33,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -103,16 +110,16 @@ class CopyEngineAllReduce:
         self.ops = _StreamMemOps()
         self.stream = torch.cuda.Stream(device)
 
-        # Two receive slots and two flags per rank, all zero before the first call.
+        # Two receive slots per rank and a flag per slot and chunk, all zero before the first call.
         self.receive = symm_mem.empty(2 * self.max_numel, dtype=dtype, device=device)
         receive = symm_mem.rendezvous(self.receive, group)
         self.peer_receive = receive.get_buffer(peer, (2, self.max_numel), dtype)
-        self.flags = symm_mem.empty(2, dtype=torch.int32, device=device)
+        self.flags = symm_mem.empty(2 * chunks, dtype=torch.int32, device=device)
         self.flags.zero_()
         torch.cuda.synchronize(device)
         flags = symm_mem.rendezvous(self.flags, group)
-        self.own_flag_ptrs = [flags.buffer_ptrs[rank] + 4 * slot for slot in range(2)]
-        self.peer_flag_ptrs = [flags.buffer_ptrs[peer] + 4 * slot for slot in range(2)]
+        self.own_flag_ptrs = [[flags.buffer_ptrs[rank] + 4 * (slot * chunks + c) for c in range(chunks)] for slot in range(2)]
+        self.peer_flag_ptrs = [[flags.buffer_ptrs[peer] + 4 * (slot * chunks + c) for c in range(chunks)] for slot in range(2)]
         self.calls = 0
         dist.barrier(group)  # no peer writes into buffers that are not yet zero
 
@@ -120,10 +127,10 @@ class CopyEngineAllReduce:
         numel = rows * features
         return dtype == self.dtype and self.above_numel < numel <= self.max_numel and rows >= self.chunks
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x W^T, the peer's x W^T) for x [rows, in] and weight [out, in] (`takes` must hold): their sum
-        is the all-reduce. The peer's part lives in a receive buffer that the call after next reuses,
-        so the caller adds it before its next row-parallel layer (in the norm that follows)."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> ArrivingSum:
+        """x W^T for x [rows, in] and weight [out, in] (`takes` must hold), with the peer's x W^T
+        arriving chunk by chunk: their sum is the all-reduce. The peer's part lives in a receive
+        buffer that the call after next reuses, so it must be read before the next row-parallel layer."""
         rows = x.shape[0]
         out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
         slot = self.calls % 2
@@ -131,14 +138,46 @@ class CopyEngineAllReduce:
         to_peer = self.peer_receive[slot, : out.numel()].view(out.shape)
         main = torch.cuda.current_stream()
         bounds = chunk_bounds(rows, self.chunks)
-        for lo, hi in zip(bounds, bounds[1:]):
+        for chunk, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
             torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
             self.stream.wait_stream(main)
             with torch.cuda.stream(self.stream):
                 to_peer[lo:hi].copy_(out[lo:hi], non_blocking=True)
-        self.ops.write(self.stream, self.peer_flag_ptrs[slot], 1)
-        self.ops.wait(main, self.own_flag_ptrs[slot], 1)
-        self.ops.write(main, self.own_flag_ptrs[slot], 0)
-        main.wait_stream(self.stream)  # `out` is read by the copies: it must outlive them
-        received = self.receive.view(2, self.max_numel)[slot, : out.numel()]
-        return out, received.view(out.shape)
+            self.ops.write(self.stream, self.peer_flag_ptrs[slot][chunk], 1)
+        received = self.receive.view(2, self.max_numel)[slot, : out.numel()].view(out.shape)
+        return ArrivingSum(out, received, bounds, partial(self._arrive, slot))
+
+    def _arrive(self, slot: int, chunk: int) -> None:
+        """Make the current stream wait for the peer's copy of a chunk, and lower its flag."""
+        main = torch.cuda.current_stream()
+        self.ops.wait(main, self.own_flag_ptrs[slot][chunk], 1)
+        self.ops.write(main, self.own_flag_ptrs[slot][chunk], 0)
+        if chunk == self.chunks - 1:
+            main.wait_stream(self.stream)  # the copies read this rank's product: it must outlive them
+
+
+@dataclass
+class ArrivingSum:
+    """A row-parallel layer's all-reduce as it arrives: this rank's product (`mine`) and the peer's
+    (`theirs`), whose rows land in chunks (`bounds`). Every chunk must be taken once, in order, and
+    before the next row-parallel layer."""
+
+    mine: torch.Tensor
+    theirs: torch.Tensor
+    bounds: list[int]
+    arrive: Callable[[int], None]
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """Row bounds (lo, hi) of each chunk, once the current stream waits for its arrival."""
+        for chunk, (lo, hi) in enumerate(zip(self.bounds, self.bounds[1:])):
+            self.arrive(chunk)
+            yield lo, hi
+
+    def wait_all(self) -> None:
+        for _ in self.chunks():
+            pass
+
+    def total(self) -> torch.Tensor:
+        """mine + theirs, in place in mine."""
+        self.wait_all()
+        return self.mine.add_(self.theirs)

@@ -178,11 +178,12 @@ def test_vocab_parallel_pick_over_peer_memory_equals_nccl_gather_then_pick():
 
 def _copy_engine_layers(rank, world, port, queue, dtype):
     """Row-parallel layers of several sizes in a row (both receive slots, both flag parities, a
-    smaller call after a larger one), then through the norm that adds the peer's part."""
+    smaller call after a larger one), then through the norm that adds the peer's part, and through
+    a column-parallel layer that takes the norm's rows as their chunks arrive."""
     import torch.distributed as dist
 
     from albireo.distributed.copy_engine_all_reduce import chunk_bounds
-    from albireo.layers.linear import RowParallelLinear
+    from albireo.layers.linear import ColumnParallelLinear, RowParallelLinear, whole
     from albireo.layers.norm import RMSNorm
 
     ps = _join(rank, world, port, dtype)
@@ -192,6 +193,8 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
     layer = RowParallelLinear(2 * 512, 1024).to("cuda", dtype)
     layer.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(rank))
     norm = RMSNorm(1024, 1e-5).to("cuda", dtype)
+    after = ColumnParallelLinear(1024, [256]).to("cuda", dtype)  # the same on both ranks: one seed
+    after.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(7))
     worst = 0.0
     for rows in (4096, 37, 1000, 4096, 8, 513):
         torch.manual_seed(rows * 10 + rank)
@@ -203,16 +206,22 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
         worst = max(worst, (layer(x) - expected).abs().max().item())
         torch.manual_seed(rows)  # the residual is the same on every rank, as in the model
         residual = torch.randn(rows, 1024, device="cuda", dtype=dtype)
+        original = residual.clone()
         want_out, want_residual = norm(expected, residual.clone())
         got_out, got_residual = layer(x, residual=residual, norm=norm)
-        worst = max(worst, (got_out - want_out).abs().max().item(), (got_residual - want_residual).abs().max().item())
+        worst = max(worst, (whole(got_out) - want_out).abs().max().item(),
+                    (got_residual - want_residual).abs().max().item())
+        # A column-parallel layer takes the norm's rows chunk by chunk as they arrive.
+        want_next = torch.cat([want_out[lo:hi] @ after.weight.t() for lo, hi in zip(bounds, bounds[1:])])
+        got_next = after(layer(x, residual=original, norm=norm)[0])
+        worst = max(worst, (got_next - want_next).abs().max().item())
     dist.barrier()
     if rank == 0:
         queue.put(worst)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_copy_engine_all_reduce_equals_nccl_through_the_layer_and_its_norm(dtype):
+def test_copy_engine_all_reduce_equals_nccl_through_the_layer_its_norm_and_the_next_layer(dtype):
     assert run_ranks(_copy_engine_layers, 2, dtype) == 0.0
 
 
