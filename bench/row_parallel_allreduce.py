@@ -5,17 +5,14 @@ Prefill (eager, as the engine runs it): a 16k-token step of an 8B model all-redu
 16384 x 4096 bf16 (128 MiB); through NCCL they took 37 of the step's ~222 ms on two H200s. For each
 row count this times the matmul alone (down_proj's shape), NCCL's all-reduce alone, the two in
 turn, the matmul in row chunks with NCCL all-reducing each chunk while the next multiplies, and
-`CopyEngineAllReduce.linear` at several chunk counts (even chunks, then the engine's halving
-ones), alone (the engine adds the peer's part in
-the norm after it) and with the add, checked against NCCL's sum. Run it under NCCL_* settings to
-compare them: NCCL ran at 274-283 GB/s whatever its protocol or channels
-(nccl-prefill-allreduce-h200x2-ad9cfcd.txt).
+`CopyEngineAllReduce.linear` with its sum (each rank adds its own half of the rows, then the
+halves are exchanged), checked against NCCL's sum. Run it under NCCL_* settings to compare them:
+NCCL ran at 274-283 GB/s whatever its protocol or channels (nccl-prefill-allreduce-h200x2-ad9cfcd.txt).
 
 Decode (in CUDA graphs, as the engine replays them): the engine's RowParallelLinear with its
 residual add and RMSNorm, o_proj's and down_proj's shapes, through the one-shot push kernel fused
-with the norm, or through the copy engines with the peer's part added in the norm.
-    python bench/row_parallel_allreduce.py [--rows 2048 4096 8192 16384] [--chunks 1 2 4 8]
-                                            [--decode-rows 128 256 512 1024]
+with the norm, or through the copy engines, each rank normalizing its own half of the rows.
+    python bench/row_parallel_allreduce.py [--rows 2048 4096 8192 16384] [--decode-rows 128 256 512 1024]
 """
 
 from __future__ import annotations
@@ -43,16 +40,15 @@ def _ms(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters
 
 
-def _rank(rank: int, port: int, rows_list: list[int], chunk_counts: list[int], hidden: int, inner: int,
-          decode_rows: list[int]) -> None:
+def _rank(rank: int, port: int, rows_list: list[int], hidden: int, inner: int, decode_rows: list[int]) -> None:
     from albireo.distributed import copy_engine_all_reduce as cear
 
     torch.cuda.set_device(rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
     max_rows = max(rows_list)
-    ce = {c: cear.CopyEngineAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16,
-                                 max_rows * hidden * 2, above_bytes=0, chunks=c) for c in chunk_counts}
+    ce = cear.CopyEngineAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16,
+                                  max_rows * hidden * 2, above_bytes=0)
     settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")) or "defaults"
     for rows in rows_list:
         torch.manual_seed(rank * 1000 + rows)
@@ -83,25 +79,18 @@ def _rank(rank: int, port: int, rows_list: list[int], chunk_counts: list[int], h
                  "nccl 4 chunks": _ms(nccl_chunked)}
         serial()
         expected = y.clone()
-        worst = 0.0
-        for c, op in ce.items():
-            halving = cear.chunk_bounds
-            cear.chunk_bounds = lambda rows, chunks: [rows * i // chunks for i in range(chunks + 1)]
-            times[f"ce {c} even chunks"] = _ms(lambda: op.linear(x, w).wait_all())
-            cear.chunk_bounds = halving
-            times[f"ce {c} chunks"] = _ms(lambda: op.linear(x, w).wait_all())
-            times[f"ce {c} chunks + add"] = _ms(lambda: op.linear(x, w).total())
-            worst = max(worst, (op.linear(x, w).total() - expected).abs().max().item())
+        times["ce split sum"] = _ms(lambda: ce.linear(x, w).total())
+        worst = (ce.linear(x, w).total() - expected).abs().max().item()
         if rank == 0:
             gbps = rows * hidden * 2 / times["nccl"] / 1e6
             line = ", ".join(f"{k} {v:.3f}" for k, v in times.items())
             print(f"[{settings}] rows {rows} ({rows * hidden * 2 / 2**20:.0f} MiB, NCCL {gbps:.0f} GB/s) ms: {line}; "
                   f"copy-engine sum vs NCCL max |diff| {worst:g}", flush=True)
-    _decode_table(rank, decode_rows, chunk_counts, hidden)
+    _decode_table(rank, decode_rows, hidden)
     dist.destroy_process_group()
 
 
-def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidden: int) -> None:
+def _decode_table(rank: int, rows_list: list[int], hidden: int) -> None:
     from albireo.bench.record import graph_us
     from albireo.distributed import parallel_state as ps
     from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce
@@ -126,11 +115,9 @@ def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidd
 
             ps._copy_engine_all_reduce = None
             times[f"{name} push"] = graph_us(step, CALLS)
-            for c in chunk_counts:
-                if rows >= c:
-                    ps._copy_engine_all_reduce = CopyEngineAllReduce(ps.tp_group(), device, torch.bfloat16,
-                                                                     rows * hidden * 2, above_bytes=0, chunks=c)
-                    times[f"{name} ce {c}"] = graph_us(step, CALLS)
+            ps._copy_engine_all_reduce = CopyEngineAllReduce(ps.tp_group(), device, torch.bfloat16,
+                                                             rows * hidden * 2, above_bytes=0)
+            times[f"{name} ce"] = graph_us(step, CALLS)
             ps._copy_engine_all_reduce = None
         if rank == 0:
             line = ", ".join(f"{k} {v:.1f}" for k, v in times.items())
@@ -140,14 +127,13 @@ def _decode_table(rank: int, rows_list: list[int], chunk_counts: list[int], hidd
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    p.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--inner", type=int, default=7168, help="down_proj's input features per rank at TP=2")
     p.add_argument("--decode-rows", type=int, nargs="*", default=[128, 256, 512, 1024])
     args = p.parse_args()
     from albireo.executor.executor import free_port
 
-    mp.spawn(_rank, args=(free_port(), args.rows, args.chunks, args.hidden, args.inner, args.decode_rows), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), args.rows, args.hidden, args.inner, args.decode_rows), nprocs=2)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,21 @@
-"""The row chunks of the copy-engine all-reduce's matmul and its size threshold (the path itself
-needs two GPUs: tests/device/test_symm_all_reduce.py and test_e2e_gpu.py)."""
+"""How the copy-engine all-reduce splits rows between two ranks, and its size threshold (the path
+itself needs two GPUs: tests/device/test_symm_all_reduce.py and test_e2e_gpu.py)."""
 
 import pytest
 
-from albireo.distributed.copy_engine_all_reduce import above_bytes_from_env, chunk_bounds
+from albireo.distributed.copy_engine_all_reduce import above_bytes_from_env, split_rows
 
 
-@pytest.mark.parametrize("rows", [16384, 1000, 37, 4])
-def test_chunks_cover_every_row_once_in_order(rows):
-    bounds = chunk_bounds(rows, 4)
-    assert bounds[0] == 0 and bounds[-1] == rows and len(bounds) == 5
-    assert all(lo <= hi for lo, hi in zip(bounds, bounds[1:]))
+@pytest.mark.parametrize("rows", [16384, 1001, 2])
+def test_the_two_ranks_own_every_row_once(rows):
+    (own0, peer0), (own1, peer1) = split_rows(rows, 0), split_rows(rows, 1)
+    assert own0 == peer1 and own1 == peer0
+    assert own0[0] == 0 and own0[1] == own1[0] and own1[1] == rows
 
 
-def test_each_chunk_is_half_the_one_before():
-    bounds = chunk_bounds(15 * 1024, 4)
-    assert [hi - lo for lo, hi in zip(bounds, bounds[1:])] == [8192, 4096, 2048, 1024]
-
-
-def test_one_chunk_is_the_whole_matmul():
-    assert chunk_bounds(300, 1) == [0, 300]
+def test_rank_0_owns_the_smaller_half_of_odd_rows():
+    assert split_rows(7, 0) == ((0, 3), (3, 7))
+    assert split_rows(7, 1) == ((3, 7), (0, 3))
 
 
 def test_threshold_comes_from_the_environment(monkeypatch):

@@ -1,41 +1,41 @@
-"""The large all-reduces of a prefill step at TP=2, moved by the copy engines while the matmul runs.
+"""The large all-reduces of a prefill step at TP=2, moved by the copy engines while the GPUs compute,
+and split by rows so that each rank normalizes only half of them.
 
 A 16k-token prefill step of an 8B model at TP=2 sums 64 tensors of 128 MiB across the two GPUs.
 NCCL moved them at ~276 GB/s with kernels that hold SMs, so they hardly overlapped the matmuls
-around them (37 of a 222 ms step on two H200s; bench/row_parallel_allreduce.py). Here a row-parallel
-layer runs its matmul in row chunks of halving sizes, and as each chunk lands a DMA copy on a stream of its own
-sends it into the peer's receive buffer over NVLink while the next chunk multiplies: the copy
-engines move the bytes, no SM does. After each chunk's copy a rank raises that chunk's flag in the
-peer's memory (stream memory operations: the GPU's front end writes and polls them, again without
-an SM). The layer returns an `ArrivingSum`: whoever reads it waits for the peer's flag of each
-chunk just before it reads that chunk, so the next layer's norm and matmul on the first rows run
-while the last rows still cross NVLink (`albireo.layers.linear.ArrivingRows`). The residual add and
-RMSNorm add what was received as they read their own partial sum.
+around them (37 of a 222 ms step on two H200s; bench/row_parallel_allreduce.py). And the residual
+add and RMSNorm after each sum ran on every row at every rank: at TP=2 they were the one part of a
+prefill step that did not halve (10.7 against 6.3 ms a step at TP=1, two H200s).
 
-Each rank sends its whole partial sum, N bytes, which at two ranks is what a reduce-scatter plus
-an all-gather send, with one handshake instead of two; at more ranks a whole copy per peer would
-send more than a ring, so this path is for pairs. a + b rounds the same on both ranks, so both
-hold the same sum.
+So the rows are split between the ranks, rank 0 owning the first half and rank 1 the second (a
+reduce-scatter, then an all-gather, as in Megatron's sequence parallelism). A row-parallel layer
+multiplies the peer's rows first and a DMA copy on a stream of its own sends them into the peer's
+receive buffer over NVLink while the layer's own rows multiply: the copy engines move the bytes,
+no SM does. The reader of the sum (`albireo.layers.linear.SplitRows`) adds the peer's part of its
+own rows, adds the residual and normalizes those rows only, sends them to the peer the same way,
+and multiplies them by the next layer's weight while the peer's normalized rows come in. Each rank
+sends half its partial sum and half the normalized rows: as many bytes as a whole partial sum,
+with two handshakes. The residual stream is only summed in a rank's own rows, which are the only
+ones the next norm reads. a + b rounds the same on both ranks, so both hold the same sums.
 
-The receive buffer and the flags alternate between two slots by call parity. A peer raises a
-chunk's flag (writes 1) after that chunk's copy; the rank waits for 1 and lowers it (writes 0)
-before it reads the chunk. Every chunk of a call is read before the next row-parallel layer (its
-reader is the column-parallel layer between them, or the model's end). A rank sends call e + 2
-only after its matmul of call e + 2, which follows its waits on the peer's flags of call e + 1,
-which the peer raised after it had sent call e + 1, which it did after it had read (and lowered)
-call e's slot: so a slot is never overwritten while its reader still needs it, nor raised again
-before it was lowered. The values are constants and the slot of
-a call is fixed when it is recorded, so a CUDA graph replays the handshake as it was captured:
-every forward makes an even number of calls (two per layer), so each starts at slot 0.
+A copy ends by raising a flag in the peer's memory (stream memory operations: the GPU's front end
+writes and polls them, again without an SM); the reader waits for the flag and lowers it before
+it reads. The receive buffer and the flags alternate between two slots by call parity. Both parts
+of a call are read before the next row-parallel layer (by the column-parallel layer between them,
+or at the model's end). A rank sends call e + 2 only after its matmul of call e + 2, which follows
+its wait on the peer's normalized rows of call e + 1, which the peer sent after it had read call
+e + 1's scattered part, which follows everything it did with call e's slot: so a slot is never
+overwritten while its reader still needs it, nor raised again before it was lowered. The values
+are constants and the slot of a call is fixed when it is recorded, so a CUDA graph replays the
+handshake as it was captured: every forward makes an even number of calls (two per layer), so
+each starts at slot 0.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,9 @@ def above_bytes_from_env() -> int:
 # Up to this many bytes the one-shot push kernel (symm_all_reduce.py) takes the all-reduce: the
 # copies' fixed costs lost to it in decode graphs up to 512 rows of 4096 and tied at 1024 (8 MiB).
 ABOVE_BYTES = above_bytes_from_env()
-CHUNKS = 4
+# A receive region holds half the largest product, and this much more: the larger half of an odd
+# number of rows (half a row, up to 128k features).
+_ODD_ROW_SLACK = 2**16
 
 _WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 _WRITE_VALUE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a system-wide fence before the write
@@ -86,98 +88,110 @@ class _StreamMemOps:
             raise RuntimeError(f"{name} failed with CUresult {status}")
 
 
-def chunk_bounds(rows: int, chunks: int) -> list[int]:
-    """Row bounds of the matmul's chunks, each half the one before: only the last chunk's copy is
-    not hidden under a matmul, and a copy moves its rows ~4x faster than down_proj produces them
-    (two H200s), so the chunks can shrink that fast while every copy still ends in time."""
-    total = 2**chunks - 1
-    return [rows * (total - 2 ** (chunks - i) + 1) // total for i in range(chunks + 1)]
+def split_rows(rows: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(this rank's rows, the peer's rows) as (lo, hi) bounds: rank 0 owns the first rows // 2."""
+    first, second = (0, rows // 2), (rows // 2, rows)
+    return (first, second) if rank == 0 else (second, first)
 
 
 class CopyEngineAllReduce:
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int,
-                 above_bytes: int = ABOVE_BYTES, chunks: int = CHUNKS) -> None:
+                 above_bytes: int = ABOVE_BYTES) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         if dist.get_world_size(group) != 2:
             raise ValueError("the copy-engine all-reduce is for two ranks")
         self.dtype = dtype
         self.above_numel = above_bytes // dtype.itemsize
-        self.max_numel = max_bytes // dtype.itemsize
-        self.chunks = chunks
-        rank = dist.get_rank(group)
-        peer = 1 - rank
+        self.region_numel = max_bytes // dtype.itemsize // 2 + _ODD_ROW_SLACK
+        self.rank = dist.get_rank(group)
+        peer = 1 - self.rank
         self.ops = _StreamMemOps()
         self.stream = torch.cuda.Stream(device)
 
-        # Two receive slots per rank and a flag per slot and chunk, all zero before the first call.
-        self.receive = symm_mem.empty(2 * self.max_numel, dtype=dtype, device=device)
+        # Per rank two slots, each a region for the scattered partial sums and one for the gathered
+        # normalized rows, and a flag per region; all zero before the first call.
+        self.receive = symm_mem.empty(4 * self.region_numel, dtype=dtype, device=device)
         receive = symm_mem.rendezvous(self.receive, group)
-        self.peer_receive = receive.get_buffer(peer, (2, self.max_numel), dtype)
-        self.flags = symm_mem.empty(2 * chunks, dtype=torch.int32, device=device)
+        self.own_regions = self.receive.view(2, 2, self.region_numel)
+        self.peer_regions = receive.get_buffer(peer, (2, 2, self.region_numel), dtype)
+        self.flags = symm_mem.empty(4, dtype=torch.int32, device=device)
         self.flags.zero_()
         torch.cuda.synchronize(device)
         flags = symm_mem.rendezvous(self.flags, group)
-        self.own_flag_ptrs = [[flags.buffer_ptrs[rank] + 4 * (slot * chunks + c) for c in range(chunks)] for slot in range(2)]
-        self.peer_flag_ptrs = [[flags.buffer_ptrs[peer] + 4 * (slot * chunks + c) for c in range(chunks)] for slot in range(2)]
+        self.own_flag_ptrs = [[flags.buffer_ptrs[self.rank] + 4 * (2 * slot + part) for part in range(2)]
+                              for slot in range(2)]
+        self.peer_flag_ptrs = [[flags.buffer_ptrs[peer] + 4 * (2 * slot + part) for part in range(2)]
+                               for slot in range(2)]
         self.calls = 0
         dist.barrier(group)  # no peer writes into buffers that are not yet zero
 
     def takes(self, rows: int, features: int, dtype: torch.dtype) -> bool:
-        numel = rows * features
-        return dtype == self.dtype and self.above_numel < numel <= self.max_numel and rows >= self.chunks
+        return (dtype == self.dtype and self.above_numel < rows * features and rows >= 2
+                and (rows - rows // 2) * features <= self.region_numel)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> ArrivingSum:
-        """x W^T for x [rows, in] and weight [out, in] (`takes` must hold), with the peer's x W^T
-        arriving chunk by chunk: their sum is the all-reduce. The peer's part lives in a receive
-        buffer that the call after next reuses, so it must be read before the next row-parallel layer."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> SplitSum:
+        """x W^T for x [rows, in] and weight [out, in] (`takes` must hold), the peer's rows of it sent
+        to the peer; the returned SplitSum must be read (all of it) before the next call."""
         rows = x.shape[0]
+        own, peer = split_rows(rows, self.rank)
         out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
         slot = self.calls % 2
         self.calls += 1
-        to_peer = self.peer_receive[slot, : out.numel()].view(out.shape)
-        main = torch.cuda.current_stream()
-        bounds = chunk_bounds(rows, self.chunks)
-        for chunk, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-            torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
-            self.stream.wait_stream(main)
-            with torch.cuda.stream(self.stream):
-                to_peer[lo:hi].copy_(out[lo:hi], non_blocking=True)
-            self.ops.write(self.stream, self.peer_flag_ptrs[slot][chunk], 1)
-        received = self.receive.view(2, self.max_numel)[slot, : out.numel()].view(out.shape)
-        return ArrivingSum(out, received, bounds, partial(self._arrive, slot))
+        torch.matmul(x[peer[0] : peer[1]], weight.t(), out=out[peer[0] : peer[1]])
+        self.send(out[peer[0] : peer[1]], slot, part=0)
+        torch.matmul(x[own[0] : own[1]], weight.t(), out=out[own[0] : own[1]])
+        return SplitSum(self, slot, out, own, peer)
 
-    def _arrive(self, slot: int, chunk: int) -> None:
-        """Make the current stream wait for the peer's copy of a chunk, and lower its flag."""
+    def send(self, rows: torch.Tensor, slot: int, part: int) -> None:
+        """Copy rows (contiguous) into the peer's region `part` of `slot` once the current stream has
+        made them, then raise the region's flag there."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.peer_regions[slot, part, : rows.numel()].view(rows.shape).copy_(rows, non_blocking=True)
+        self.ops.write(self.stream, self.peer_flag_ptrs[slot][part], 1)
+
+    def receive_rows(self, slot: int, part: int, shape: tuple[int, int]) -> torch.Tensor:
+        """The rows the peer sent into region `part` of `slot`, once the current stream waits for them."""
         main = torch.cuda.current_stream()
-        self.ops.wait(main, self.own_flag_ptrs[slot][chunk], 1)
-        self.ops.write(main, self.own_flag_ptrs[slot][chunk], 0)
-        if chunk == self.chunks - 1:
-            main.wait_stream(self.stream)  # the copies read this rank's product: it must outlive them
+        self.ops.wait(main, self.own_flag_ptrs[slot][part], 1)
+        self.ops.write(main, self.own_flag_ptrs[slot][part], 0)
+        if part == 1:
+            main.wait_stream(self.stream)  # this rank's copies read its tensors: they must outlive them
+        return self.own_regions[slot, part, : shape[0] * shape[1]].view(shape)
 
 
 @dataclass
-class ArrivingSum:
-    """A row-parallel layer's all-reduce as it arrives: this rank's product (`mine`) and the peer's
-    (`theirs`), whose rows land in chunks (`bounds`). Every chunk must be taken once, in order, and
-    before the next row-parallel layer."""
+class SplitSum:
+    """A row-parallel layer's all-reduce, split by rows between the two ranks: this rank's product
+    of every row (`mine`), with the peer's part of this rank's rows (`own`) to come. The reader takes
+    `scattered()`, makes its rows of whatever follows, `share`s them and takes the peer's from
+    `gathered`: every call must get all of that, in that order."""
 
+    engine: CopyEngineAllReduce
+    slot: int
     mine: torch.Tensor
-    theirs: torch.Tensor
-    bounds: list[int]
-    arrive: Callable[[int], None]
+    own: tuple[int, int]
+    peer: tuple[int, int]
 
-    def chunks(self) -> Iterator[tuple[int, int]]:
-        """Row bounds (lo, hi) of each chunk, once the current stream waits for its arrival."""
-        for chunk, (lo, hi) in enumerate(zip(self.bounds, self.bounds[1:])):
-            self.arrive(chunk)
-            yield lo, hi
+    def scattered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's part of its own rows, the peer's part of them): their sum is the all-reduce there."""
+        lo, hi = self.own
+        return self.mine[lo:hi], self.engine.receive_rows(self.slot, 0, (hi - lo, self.mine.shape[1]))
 
-    def wait_all(self) -> None:
-        for _ in self.chunks():
-            pass
+    def share(self, rows: torch.Tensor) -> None:
+        """Send this rank's finished rows (of `own`) to the peer."""
+        assert rows.dtype == self.engine.dtype and rows.shape[0] == self.own[1] - self.own[0]
+        self.engine.send(rows.contiguous(), self.slot, part=1)
+
+    def gathered(self, features: int) -> torch.Tensor:
+        """The peer's finished rows (of `peer`), once the current stream waits for them."""
+        return self.engine.receive_rows(self.slot, 1, (self.peer[1] - self.peer[0], features))
 
     def total(self) -> torch.Tensor:
-        """mine + theirs, in place in mine."""
-        self.wait_all()
-        return self.mine.add_(self.theirs)
+        """The all-reduce of every row, in place in mine."""
+        mine, theirs = self.scattered()
+        self.share(mine.add_(theirs))
+        lo, hi = self.peer
+        self.mine[lo:hi].copy_(self.gathered(self.mine.shape[1]))
+        return self.mine

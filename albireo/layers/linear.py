@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albireo import kernels
-from albireo.distributed.copy_engine_all_reduce import ArrivingSum
+from albireo.distributed.copy_engine_all_reduce import SplitSum
 from albireo.distributed.parallel_state import (
     tp_all_reduce,
     tp_all_reduce_rms_norm,
@@ -76,38 +76,46 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class ArrivingRows:
-    """norm(sum + residual) of a row-parallel layer whose all-reduce arrives in row chunks (the
-    copy engines', at a prefill step). A column-parallel layer normalizes and multiplies each chunk
-    as soon as it has landed, so its matmul on the first rows hides the copies of the last ones;
-    `whole` waits for all of them. Either takes the chunks, once; the norm adds into `residual` in
-    place as it goes."""
+class SplitRows:
+    """norm(sum + residual) of a row-parallel layer whose all-reduce the copy engines split by rows
+    (at a prefill step at TP=2): each rank adds, and normalizes, only its own rows, and the peer's
+    normalized rows come over NVLink. A column-parallel layer multiplies this rank's rows while the
+    peer's are on their way; `whole` gives them all at once. Either takes the sum once. The norm
+    writes sum + residual into `residual` in this rank's rows only: the next split norm reads no
+    others."""
 
-    sum: ArrivingSum
+    sum: SplitSum
     norm: RMSNorm
     residual: torch.Tensor
 
-    def _normalize(self, lo: int, hi: int) -> torch.Tensor:
+    def _own_rows(self) -> torch.Tensor:
         from albireo.kernels.triton_fused import rms_norm
 
-        s = self.sum
-        return rms_norm(s.mine[lo:hi], self.norm.weight, self.norm.eps, self.residual[lo:hi], addend=s.theirs[lo:hi])[0]
+        mine, theirs = self.sum.scattered()
+        lo, hi = self.sum.own
+        rows = rms_norm(mine, self.norm.weight, self.norm.eps, self.residual[lo:hi], addend=theirs)[0]
+        self.sum.share(rows)
+        return rows
 
     def multiply(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The normalized rows x W^T + b, chunk by chunk."""
+        """The normalized rows x W^T + b."""
+        (lo, hi), (peer_lo, peer_hi) = self.sum.own, self.sum.peer
         out = torch.empty(self.residual.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
-        for lo, hi in self.sum.chunks():
-            torch.matmul(self._normalize(lo, hi), weight.t(), out=out[lo:hi])
+        torch.matmul(self._own_rows(), weight.t(), out=out[lo:hi])
+        torch.matmul(self.sum.gathered(self.residual.shape[1]), weight.t(), out=out[peer_lo:peer_hi])
         return out if bias is None else out.add_(bias)
 
     def whole(self) -> torch.Tensor:
-        self.sum.wait_all()
-        return self._normalize(0, self.residual.shape[0])
+        (lo, hi), (peer_lo, peer_hi) = self.sum.own, self.sum.peer
+        out = torch.empty_like(self.residual)
+        out[lo:hi] = self._own_rows()
+        out[peer_lo:peer_hi] = self.sum.gathered(self.residual.shape[1])
+        return out
 
 
-def whole(x: torch.Tensor | ArrivingRows) -> torch.Tensor:
+def whole(x: torch.Tensor | SplitRows) -> torch.Tensor:
     """x, with every row of it there."""
-    return x.whole() if isinstance(x, ArrivingRows) else x
+    return x.whole() if isinstance(x, SplitRows) else x
 
 
 def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -147,8 +155,8 @@ class ColumnParallelLinear(nn.Module):
         dst, src, length = self.shard_range(shard_id)
         param.data.narrow(0, dst, length).copy_(loaded.narrow(0, src, length))
 
-    def forward(self, x: torch.Tensor | ArrivingRows) -> torch.Tensor:
-        if isinstance(x, ArrivingRows):
+    def forward(self, x: torch.Tensor | SplitRows) -> torch.Tensor:
+        if isinstance(x, SplitRows):
             return x.multiply(self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
@@ -203,20 +211,19 @@ class RowParallelLinear(nn.Module):
 
     def forward(
         self, x: torch.Tensor, silu_mul: bool = False, residual: torch.Tensor | None = None, norm: RMSNorm | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor | ArrivingRows, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor | SplitRows, torch.Tensor]:
         """The sum over ranks, + b. With silu_mul, x is a fused [gate | up] whose silu(gate) * up is
         the input. With `norm` (the RMSNorm after this layer) and the residual stream, returns
         instead (norm(sum + residual), sum + residual), the all-reduce, the add and the norm in one
         kernel where peer memory takes the all-reduce. A prefill step's large output is summed by
-        the copy engines while the matmul runs, and the peer's part is added inside the norm, chunk
-        by chunk as it arrives (the first of the pair is then ArrivingRows, for a column-parallel
-        layer, and the residual is updated as its chunks are taken)."""
+        the copy engines split by rows, each rank normalizing its own (the first of the pair is then
+        SplitRows, for a column-parallel layer, and the residual is updated when it is read)."""
         copy_engines = tp_copy_engine_all_reduce(x.shape[0], self.weight.shape[0], x.dtype) if x.dim() == 2 else None
         if copy_engines is not None:
-            arriving = copy_engines.linear(silu_and_mul(x) if silu_mul else x, self.weight)
-            if norm is not None and self.bias is None and kernels.fused_on(arriving.mine):
-                return ArrivingRows(arriving, norm, residual), residual
-            y = arriving.total()
+            split = copy_engines.linear(silu_and_mul(x) if silu_mul else x, self.weight)
+            if norm is not None and self.bias is None and kernels.fused_on(split.mine):
+                return SplitRows(split, norm, residual), residual
+            y = split.total()
         else:
             if norm is not None and self.bias is None and _gemm_adds_residual(x, self.weight, residual):
                 # With nothing to sum over ranks, cuBLAS adds the product into the residual stream as

@@ -15,7 +15,7 @@ from albireo.config import ArchConfig
 from albireo.distributed.parallel_state import tp_size
 from albireo.layers.attention import Attention, AttentionMetadata
 from albireo.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from albireo.layers.linear import ArrivingRows, ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, whole
+from albireo.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, SplitRows, whole
 from albireo.layers.norm import RMSNorm
 from albireo.layers.rotary import RotaryEmbedding
 
@@ -39,9 +39,9 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, arch.head_dim**-0.5)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor | ArrivingRows, meta: AttentionMetadata, residual: torch.Tensor,
+        self, positions: torch.Tensor, x: torch.Tensor | SplitRows, meta: AttentionMetadata, residual: torch.Tensor,
         norm: RMSNorm,
-    ) -> tuple[torch.Tensor | ArrivingRows, torch.Tensor]:
+    ) -> tuple[torch.Tensor | SplitRows, torch.Tensor]:
         """Attention of the normalized x, added to the residual stream and normalized by `norm`."""
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.local_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -59,8 +59,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size)
 
     def forward(
-        self, x: torch.Tensor | ArrivingRows, residual: torch.Tensor, norm: RMSNorm
-    ) -> tuple[torch.Tensor | ArrivingRows, torch.Tensor]:
+        self, x: torch.Tensor | SplitRows, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor | SplitRows, torch.Tensor]:
         """The MLP of the normalized x, added to the residual stream and normalized by `norm`."""
         return self.down_proj(self.gate_up_proj(x), silu_mul=True, residual=residual, norm=norm)
 
@@ -74,15 +74,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor | ArrivingRows, residual: torch.Tensor, meta: AttentionMetadata,
+        self, positions: torch.Tensor, x: torch.Tensor | SplitRows, residual: torch.Tensor, meta: AttentionMetadata,
         next_norm: RMSNorm,
-    ) -> tuple[torch.Tensor | ArrivingRows, torch.Tensor]:
+    ) -> tuple[torch.Tensor | SplitRows, torch.Tensor]:
         """x is this layer's input, already normalized by its input_layernorm; returns the next
         layer's, normalized by `next_norm` (the next layer's input_layernorm, or the final norm), and
         the residual stream. Each row-parallel projection thus ends in the norm after it, so that the
         projection's all-reduce, the residual add and the norm can run as one kernel. At a TP=2
-        prefill step x arrives in row chunks (`ArrivingRows`), which the column-parallel projection
-        multiplies as they land."""
+        prefill step x is split by rows between the ranks (`SplitRows`), and the column-parallel
+        projection multiplies this rank's while the peer's come over NVLink."""
         x, residual = self.self_attn(positions, x, meta, residual, self.post_attention_layernorm)
         return self.mlp(x, residual, next_norm)
 

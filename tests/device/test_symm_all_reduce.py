@@ -178,11 +178,10 @@ def test_vocab_parallel_pick_over_peer_memory_equals_nccl_gather_then_pick():
 
 def _copy_engine_layers(rank, world, port, queue, dtype):
     """Row-parallel layers of several sizes in a row (both receive slots, both flag parities, a
-    smaller call after a larger one), then through the norm that adds the peer's part, and through
-    a column-parallel layer that takes the norm's rows as their chunks arrive."""
+    smaller call after a larger one, odd row counts), then through the norm that adds the peer's
+    part to each rank's own rows, and through a column-parallel layer that takes the norm's rows."""
     import torch.distributed as dist
 
-    from albireo.distributed.copy_engine_all_reduce import chunk_bounds
     from albireo.layers.linear import ColumnParallelLinear, RowParallelLinear, whole
     from albireo.layers.norm import RMSNorm
 
@@ -199,9 +198,10 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
     for rows in (4096, 37, 1000, 4096, 8, 513):
         torch.manual_seed(rows * 10 + rank)
         x = torch.randn(rows, 512, device="cuda", dtype=dtype)
-        # The layer multiplies in row chunks; cuBLAS may round a chunk differently from the whole.
-        bounds = chunk_bounds(rows, ps._copy_engine_all_reduce.chunks)
-        expected = torch.cat([x[lo:hi] @ layer.weight.t() for lo, hi in zip(bounds, bounds[1:])])
+        # The layer multiplies each rank's half of the rows on its own; cuBLAS may round a part
+        # differently from the whole, so the reference multiplies the same halves.
+        halves = ((0, rows // 2), (rows // 2, rows))
+        expected = torch.cat([x[lo:hi] @ layer.weight.t() for lo, hi in halves])
         dist.all_reduce(expected)
         worst = max(worst, (layer(x) - expected).abs().max().item())
         torch.manual_seed(rows)  # the residual is the same on every rank, as in the model
@@ -209,10 +209,10 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
         original = residual.clone()
         want_out, want_residual = norm(expected, residual.clone())
         got_out, got_residual = layer(x, residual=residual, norm=norm)
+        own_lo, own_hi = got_out.sum.own
         worst = max(worst, (whole(got_out) - want_out).abs().max().item(),
-                    (got_residual - want_residual).abs().max().item())
-        # A column-parallel layer takes the norm's rows chunk by chunk as they arrive.
-        want_next = torch.cat([want_out[lo:hi] @ after.weight.t() for lo, hi in zip(bounds, bounds[1:])])
+                    (got_residual[own_lo:own_hi] - want_residual[own_lo:own_hi]).abs().max().item())
+        want_next = torch.cat([want_out[lo:hi] @ after.weight.t() for lo, hi in halves])
         got_next = after(layer(x, residual=original, norm=norm)[0])
         worst = max(worst, (got_next - want_next).abs().max().item())
     dist.barrier()
