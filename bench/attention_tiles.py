@@ -32,7 +32,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.record import device_name, git_commit, graph_us  # noqa: E402
 from albireo.kernels.triton_attention import (  # noqa: E402
-    DecodeTiles, PrefillTiles, decode_tiles, default_num_splits, paged_attention, prefill_tiles,
+    SPLIT_DECODE_TILES,
+    DecodeTiles,
+    PrefillTiles,
+    decode_tiles,
+    default_num_splits,
+    paged_attention,
+    prefill_tiles,
 )
 
 # name: (query heads, KV heads, head dim, prompts, prompt length)
@@ -146,7 +152,7 @@ def sweep_splits(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: in
                  counts: tuple[int, ...] = (1, 2, 3, 4)) -> dict:
     """The decode path at `counts` KV splits per sequence and at the default count (from the batch
     and the block table's width), with the tiles each count gets by default, and split counts also
-    with the unsplit path's longer tiles."""
+    with the unsplit path's tiles where those differ."""
     q, k_cache, v_cache, block_tables, starts, seq_lens, kv_bytes = _decode_inputs(hq, hk, d, seqs, shortest, longest)
     default = default_num_splits(seqs, hk, 2048, q.device)
 
@@ -156,7 +162,10 @@ def sweep_splits(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: in
                                num_splits=c.num_splits, tiles=tiles)
 
     split_counts = sorted({*counts, default})
-    configs = [Splits(n) for n in split_counts] + [Splits(n, decode_tiles(d).kv_tile) for n in split_counts if n > 1]
+    unsplit_tile = decode_tiles(d).kv_tile
+    configs = [Splits(n) for n in split_counts]
+    if unsplit_tile != SPLIT_DECODE_TILES.kv_tile:
+        configs += [Splits(n, unsplit_tile) for n in split_counts if n > 1]
     return {"unit": "TB/s", "default_splits": default,
             "configs": _sweep(configs, run, run(Splits(1)).float(), kv_bytes)}
 
