@@ -158,8 +158,8 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--out", default="benchmarks/plots")
     parser.add_argument("--tp-device", default="NVIDIA H200", help="the machine whose TP runs to plot")
-    parser.add_argument("--tp-commits", default="ccf1293,fbd8da6,01f05a8",
-                        help="the commits of that machine's runs (the 4 x H200 runs by default)")
+    parser.add_argument("--tp-commits", default="029a4de",
+                        help="the commits of that machine's runs (session 15's 4 x H200 runs by default)")
     args = parser.parse_args()
     import matplotlib
 
