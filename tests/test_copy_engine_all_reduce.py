@@ -34,7 +34,7 @@ def test_threshold_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", "0")
     assert above_bytes_from_env() == 0
     monkeypatch.delenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES")
-    assert above_bytes_from_env() == 8 * 2**20
+    assert above_bytes_from_env() == 32 * 2**20
 
 
 def test_a_threshold_that_is_not_a_number_names_the_variable(monkeypatch):

@@ -42,16 +42,21 @@ import torch.distributed as dist
 
 
 def above_bytes_from_env() -> int:
-    """ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES, 8 MiB by default (tests send tiny models through this path with 0)."""
-    value = os.environ.get("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", str(8 * 2**20))
+    """ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES, 32 MiB by default (tests send tiny models through this path with 0)."""
+    value = os.environ.get("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", str(32 * 2**20))
     try:
         return int(value)
     except ValueError:
         raise ValueError(f"ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES must be a whole number of bytes, got {value!r}") from None
 
 
-# Up to this many bytes the one-shot push kernel (symm_all_reduce.py) takes the all-reduce: the
-# copies' fixed costs lost to it in decode graphs up to 512 rows of 4096 and tied at 1024 (8 MiB).
+# Only larger all-reduces take this path. Up to 8 MiB the one-shot push kernel (symm_all_reduce.py)
+# beat it in decode graphs (512 rows of 4096: 31.8 against 63.2 us for o_proj with its norm), and
+# above that NCCL after the matmul did up to 32 MiB: W2 at TP=2 on two H200s in one call made 18,600
+# tok/s with NCCL and 15,716 this way in prefill steps of 4096 tokens (32 MiB), while in steps of
+# 8192 (64 MiB) this way won, 19,844 and 19,935 against 18,902 and 18,914
+# (benchmarks/results/ce-threshold-h200x2-c85b803.txt). Why the 4096-token steps lost that much
+# (their forward 72 against 60 ms, the GPU idle 5.7 ms before each) is not known.
 ABOVE_BYTES = above_bytes_from_env()
 # A receive region holds half the largest product, and this much more: the larger half of an odd
 # number of rows (half a row, up to 128k features).
