@@ -83,6 +83,23 @@ def test_fit_separates_what_shrinks_with_tp_from_what_does_not():
     assert fit["predicted_best_tp"] == 8  # 16 would gain 4.5 / 4.25 - 1 = 6% over 8: under 10%
 
 
+def test_fit_of_three_degrees_finds_what_grows_with_each_rank_and_the_best_degree():
+    from albireo.bench.amdahl import fit_measured
+
+    fit = fit_measured({t: 8.0 / t + 1.0 + 0.5 * (t - 1) for t in (1, 2, 4)})
+    assert [round(fit[k], 9) for k in ("shrinking", "not_shrinking", "growing")] == [8.0, 1.0, 0.5]
+    assert abs(fit["predicted_speedup"][8] - 9.0 / 5.5) < 1e-9  # slower than TP=4's 9 / 4.5
+    assert fit["predicted_best_tp"] == 4
+
+
+def test_fit_drops_a_growing_part_that_comes_out_negative():
+    from albireo.bench.amdahl import fit_measured
+
+    fit = fit_measured({1: 8.0, 2: 5.0, 4: 3.2})  # TP=4 faster than a / t + b through TP=1 and 2 (3.5)
+    assert fit["growing"] == 0.0
+    assert fit["shrinking"] > 0 and fit["not_shrinking"] > 0
+
+
 def test_fit_needs_two_degrees():
     from albireo.bench.amdahl import fit_measured
 

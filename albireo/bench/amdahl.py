@@ -14,6 +14,7 @@ import gc
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from albireo.bench.record import MeasuredRegion
@@ -48,21 +49,29 @@ def predict(summary: StepSummary, allreduces_per_step: int, allreduce_us: float)
     return _prediction({t: t_gpu / t + (comm if t > 1 else 0.0) + t_serial for t in TP_DEGREES})
 
 
-def fit_measured(cost: dict[int, float]) -> dict:
+def fit_measured(cost: dict[int, float], growing: bool = True) -> dict:
     """From measured costs per unit of work (ms per step, s per request, 1 / throughput) at two or more
-    TP degrees: the least-squares fit cost(t) = a / t + b, whose b holds everything that does not
-    shrink with t (host work, all-reduces, kernels that every rank runs whole), and what it predicts.
+    TP degrees: the least-squares fit cost(t) = a / t + b + c (t - 1), and what it predicts. a is the
+    work that shrinks with t; b what does not (host work, kernels every rank runs whole); c what
+    grows with every rank added (an all-reduce that sends each peer a copy, or waits on each).
 
-    One GPU's breakdown cannot tell GPU work that shrinks from GPU work that does not; measurements
-    at several degrees can.
+    Two degrees fit only a and b, and so does growing=False. With three or more, c is fitted too,
+    unless the fit makes it negative (noise), when it is dropped: on four H200s the a / t + b fit of TP=1 and TP=2 predicted
+    W2 8B 3.02x faster at TP=4 and 2.64x was measured. One GPU's breakdown cannot tell GPU work that
+    shrinks from GPU work that does not; measurements at several degrees can.
     """
     if len(cost) < 2:
         raise ValueError(f"fitting needs costs at two or more TP degrees, got {sorted(cost)}")
-    xs, ys = [1 / t for t in cost], list(cost.values())
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    a = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    b = mean_y - a * mean_x
-    return {"shrinking": a, "not_shrinking": b, **_prediction({t: a / t + b for t in TP_DEGREES})}
+    degrees = sorted(cost)
+    columns = np.array([[1 / t for t in degrees], [1.0] * len(degrees), [t - 1.0 for t in degrees]])
+    measured = np.array([cost[t] for t in degrees])
+    for num_terms in (3, 2) if growing and len(degrees) >= 3 else (2,):
+        a, b, *growing = np.linalg.lstsq(columns[:num_terms].T, measured, rcond=None)[0].tolist()
+        if not growing or growing[0] >= 0:
+            break
+    c = growing[0] if growing else 0.0
+    return {"shrinking": a, "not_shrinking": b, "growing": c,
+            **_prediction({t: a / t + b + c * (t - 1) for t in TP_DEGREES})}
 
 
 def _profile(args: argparse.Namespace, make_llm) -> tuple[StepSummary, float, float | None, int | None, int]:

@@ -88,6 +88,10 @@ def scaling_runs(
     return runs
 
 
+# The two fits of `albireo.bench.amdahl.fit_measured`: TP=8 was not measured, and the two bracket it.
+_FIT_LABELS = {False: "cost a / t + b", True: "cost a / t + b + c (t - 1)"}
+
+
 def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Path) -> tuple[Path, dict]:
     """The plot, and per series the fit of cost(t) = a / t + b with its TP=8 prediction."""
     import matplotlib.pyplot as plt
@@ -114,10 +118,11 @@ def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Pa
             if mode:
                 base = (tps[0], values[0], tps[-1])
                 if len(tps) >= 2:
-                    fit = fit_measured({t: 1 / v for t, v in zip(tps, values)})
-                    fits[f"W2 {model} async"] = fit
-                    ax.plot([8], [1 / fit["predicted_step_ms"][8]], "x", color=color, ms=9,
-                            label="TP=8 predicted by a / t + b fit")
+                    cost = {t: 1 / v for t, v in zip(tps, values)}
+                    for growing, marker in ((False, "+"), (True, "x")):
+                        fits[f"W2 {model} async{'' if growing else ', a / t + b'}"] = fit = fit_measured(cost, growing)
+                        ax.plot([8], [1 / fit["predicted_step_ms"][8]], marker, color=color, ms=9,
+                                label=f"TP=8 predicted, {_FIT_LABELS[growing]}")
         if base is not None:
             t0, v0, t_max = base
             ideal = [t for t in (1, 2, 4, 8) if t0 <= t <= t_max]
@@ -136,13 +141,14 @@ def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Pa
         lat_ax.plot(tps, values, "o-", color="#08519c", label="Albireo, async")
         lat_ax.plot(tps, [values[0] / t for t in tps], "--", color="gray", label="ideal (TP=1 / t)")
         if len(tps) >= 2:
-            fits["W3 llama-3.1-8b"] = fit = fit_measured(dict(zip(tps, values)))
-            lat_ax.plot([8], [fit["predicted_step_ms"][8]], "x", color="#08519c", ms=9, label="TP=8 predicted by fit")
-            tps = sorted({*tps, 8})
+            for growing, marker in ((False, "+"), (True, "x")):
+                fits[f"W3 llama-3.1-8b{'' if growing else ', a / t + b'}"] = fit = fit_measured(dict(zip(tps, values)), growing)
+                lat_ax.plot([8], [fit["predicted_step_ms"][8]], marker, color="#08519c", ms=9,
+                            label=f"TP=8 predicted, {_FIT_LABELS[growing]}")
         for t, v in zip(tps, values):
             lat_ax.annotate(f"{v:.3f} s", (t, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
         lat_ax.set_xscale("log", base=2)
-        lat_ax.set_xticks(tps, [str(t) for t in tps])
+        lat_ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     lat_ax.set_xlabel("tensor-parallel degree")
     lat_ax.set_ylabel("seconds per request")
     lat_ax.set_title("W3 llama-3.1-8b, batch 1, 128 in / 256 out")
@@ -173,7 +179,8 @@ def main() -> None:
     path, fits = plot_tp_scaling(records, args.tp_device, set(args.tp_commits.split(",")), out)
     print(path)
     for name, fit in fits.items():
-        print(f"{name}: cost(t) = {fit['shrinking']:.4g} / t + {fit['not_shrinking']:.4g}; predicted speedup "
+        print(f"{name}: cost(t) = {fit['shrinking']:.4g} / t + {fit['not_shrinking']:.4g} + {fit['growing']:.4g} (t - 1); "
+              "predicted speedup "
               + ", ".join(f"TP={t} {v:.2f}x" for t, v in fit["predicted_speedup"].items())
               + f"; best TP {fit['predicted_best_tp']}")
 
