@@ -56,9 +56,10 @@ def fit_measured(cost: dict[int, float], growing: bool = True) -> dict:
     grows with every rank added (an all-reduce that sends each peer a copy, or waits on each).
 
     Two degrees fit only a and b, and so does growing=False. With three or more, c is fitted too,
-    unless the fit makes it negative (noise), when it is dropped: on four H200s the a / t + b fit of TP=1 and TP=2 predicted
-    W2 8B 3.02x faster at TP=4 and 2.64x was measured. One GPU's breakdown cannot tell GPU work that
-    shrinks from GPU work that does not; measurements at several degrees can.
+    unless the fit makes it negative (noise), when it is dropped: on four H200s the a / t + b fit
+    of TP=1 and TP=2 predicted W2 8B 3.02x faster at TP=4 and 2.64x was measured. One GPU's
+    breakdown cannot tell GPU work that shrinks from GPU work that does not; measurements at
+    several degrees can.
     """
     if len(cost) < 2:
         raise ValueError(f"fitting needs costs at two or more TP degrees, got {sorted(cost)}")
@@ -66,10 +67,10 @@ def fit_measured(cost: dict[int, float], growing: bool = True) -> dict:
     columns = np.array([[1 / t for t in degrees], [1.0] * len(degrees), [t - 1.0 for t in degrees]])
     measured = np.array([cost[t] for t in degrees])
     for num_terms in (3, 2) if growing and len(degrees) >= 3 else (2,):
-        a, b, *growing = np.linalg.lstsq(columns[:num_terms].T, measured, rcond=None)[0].tolist()
-        if not growing or growing[0] >= 0:
+        a, b, *rest = np.linalg.lstsq(columns[:num_terms].T, measured, rcond=None)[0].tolist()
+        if not rest or rest[0] >= 0:
             break
-    c = growing[0] if growing else 0.0
+    c = rest[0] if rest else 0.0
     return {"shrinking": a, "not_shrinking": b, "growing": c,
             **_prediction({t: a / t + b + c * (t - 1) for t in TP_DEGREES})}
 

@@ -93,7 +93,7 @@ _FIT_LABELS = {False: "cost a / t + b", True: "cost a / t + b + c (t - 1)"}
 
 
 def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Path) -> tuple[Path, dict]:
-    """The plot, and per series the fit of cost(t) = a / t + b with its TP=8 prediction."""
+    """The plot, and per async series both fits of `fit_measured` with their TP=8 predictions."""
     import matplotlib.pyplot as plt
 
     from albireo.bench.amdahl import fit_measured
@@ -120,7 +120,7 @@ def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Pa
                 if len(tps) >= 2:
                     cost = {t: 1 / v for t, v in zip(tps, values)}
                     for growing, marker in ((False, "+"), (True, "x")):
-                        fits[f"W2 {model} async{'' if growing else ', a / t + b'}"] = fit = fit_measured(cost, growing)
+                        fits[f"W2 {model} async, {_FIT_LABELS[growing]}"] = fit = fit_measured(cost, growing)
                         ax.plot([8], [1 / fit["predicted_step_ms"][8]], marker, color=color, ms=9,
                                 label=f"TP=8 predicted, {_FIT_LABELS[growing]}")
         if base is not None:
@@ -142,7 +142,7 @@ def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Pa
         lat_ax.plot(tps, [values[0] / t for t in tps], "--", color="gray", label="ideal (TP=1 / t)")
         if len(tps) >= 2:
             for growing, marker in ((False, "+"), (True, "x")):
-                fits[f"W3 llama-3.1-8b{'' if growing else ', a / t + b'}"] = fit = fit_measured(dict(zip(tps, values)), growing)
+                fits[f"W3 llama-3.1-8b, {_FIT_LABELS[growing]}"] = fit = fit_measured(dict(zip(tps, values)), growing)
                 lat_ax.plot([8], [fit["predicted_step_ms"][8]], marker, color="#08519c", ms=9,
                             label=f"TP=8 predicted, {_FIT_LABELS[growing]}")
         for t, v in zip(tps, values):
