@@ -394,21 +394,15 @@ class ModelRunner:
         # Steps with a prompt chunk (a query longer than one token) take the mixed graphs; a
         # KV load waits inside the forward, layer by layer, which a graph cannot.
         mixed_size = self._mixed_size(n) if int(counts.max()) > 1 and load_step is None else None
+        inputs = (rows, starts, counts, carried)
         if graph_size is not None:
-            self._stage(rows, starts, counts, carried, padded=(graph_size, graph_size))
-            graph, graph_logits = self.graphs[graph_size]
-            graph.replay()
-            self._inputs_read()
-            logits = graph_logits[: len(states)]
+            logits = self._replay(self.graphs[graph_size], inputs, (graph_size, graph_size), len(states))
         else:
             if mixed_size is not None:
-                self._stage(rows, starts, counts, carried, padded=(mixed_size, self._mixed_reqs(mixed_size)))
-                graph, graph_hidden = self.mixed_graphs[mixed_size]
-                graph.replay()
-                self._inputs_read()
-                hidden = graph_hidden[:n]
+                hidden = self._replay(self.mixed_graphs[mixed_size], inputs,
+                                      (mixed_size, self._mixed_reqs(mixed_size)), n)
             else:
-                meta = self._stage(rows, starts, counts, carried)
+                meta = self._stage(*inputs)
                 timed = load_step is not None and self.device.type == "cuda"
                 if load_step is not None:
                     meta.before_attention = load_step.wait_for_layer
@@ -446,6 +440,17 @@ class ModelRunner:
         hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
         self._inputs_read()
         return hidden
+
+    def _replay(self, captured: tuple[torch.cuda.CUDAGraph, torch.Tensor], inputs: tuple,
+                padded: tuple[int, int], used: int) -> torch.Tensor:
+        """Stage the step's inputs (`_stage`'s rows, starts, counts, carried) padded to a captured
+        graph's (tokens, requests) and replay it; the first `used` rows of its output. The next
+        staging waits for the replay to read them, as for `_forward`."""
+        self._stage(*inputs, padded=padded)
+        graph, output = captured
+        graph.replay()
+        self._inputs_read()
+        return output[:used]
 
     def _inputs_read(self) -> None:
         """Mark the forward just launched as the last reader of the device input buffers."""
