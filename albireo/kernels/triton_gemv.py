@@ -12,11 +12,12 @@ multiply-adds with no cross-lane reduction, and no split-K pass follows. With SI
 row is a fused gate_up output [gate | up] and the kernel computes silu(gate) * up as it reads it
 (rounded where torch rounds), which saves the down projection a separate activation kernel.
 
-Under TP a row-parallel projection's output is one rank's part of a sum. Given `push` (its exchange slots), the
-kernel also writes its outputs into every peer's exchange buffer of the one-shot all-reduce
-(`albireo/kernels/triton_all_reduce.py`) as each program finishes, so the values cross NVLink
-while the last programs still stream weights, and the all-reduce kernel after it only waits for
-what its peers pushed (an H200 pair spent ~6 us a call from the GEMV's end to the sum's at batch 1).
+Under TP a row-parallel projection's output is one rank's part of a sum. Given `push` (its
+exchange slots), the kernel also writes its outputs into every peer's exchange buffer of the
+one-shot all-reduce (`albireo/kernels/triton_all_reduce.py`) as each program finishes, so the
+values cross NVLink while the last programs still stream weights, and the all-reduce kernel after
+it only waits for what its peers pushed (an H200 pair spent ~6 us a call from the GEMV's end to the
+sum's at batch 1).
 """
 
 from __future__ import annotations
