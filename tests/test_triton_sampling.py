@@ -92,23 +92,12 @@ def _vocab_parallel_rank(rank, port, logits, temperature, seed_values, out):
 
 @interpreted
 def test_two_ranks_sampling_their_vocabulary_shards_give_every_rank_the_unsharded_tokens():
-    import socket
-
-    import torch.multiprocessing as mp
+    from albireo.executor.executor import free_port
 
     logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(6))
     temperature, s = torch.tensor([0.0, 1.0, 0.7, 1.3]), seeds(4)
     out = torch.zeros(2, 4, dtype=torch.int64).share_memory_()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_vocab_parallel_rank, args=(r, port, logits, temperature, s, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert interpreter.spawn_ranks(_vocab_parallel_rank, 2, free_port(), logits, temperature, s, out) == [0, 0]
     expected = gumbel_sample(logits, temperature, s).tolist()
     assert out[0].tolist() == expected and out[1].tolist() == expected
 
