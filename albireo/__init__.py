@@ -4,5 +4,5 @@ from albireo.entrypoints.llm import LLM
 from albireo.outputs import CompletionOutput, RequestOutput
 from albireo.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"

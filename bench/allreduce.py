@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import run_ranks  # noqa: E402
-from albireo.bench.record import graph_us, write_record  # noqa: E402
-from albireo.distributed.symm_all_reduce import MAX_BYTES, SymmMemAllReduce  # noqa: E402
-from albireo.layers.norm import RMSNorm  # noqa: E402
+from albireo.bench.ranks import run_ranks
+from albireo.bench.record import graph_us, write_record
+from albireo.distributed.symm_all_reduce import MAX_BYTES, SymmMemAllReduce
+from albireo.layers.norm import RMSNorm
 
 CALLS_PER_STEP = 64
 BATCHES = (1, 8, 32, 64, 128, 256, 512, 1024)

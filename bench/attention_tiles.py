@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.record import device_name, git_commit, graph_us  # noqa: E402
-from albireo.kernels.triton_attention import (  # noqa: E402
+from albireo.bench.record import device_name, git_commit, graph_us
+from albireo.kernels.triton_attention import (
     SPLIT_DECODE_TILES,
     DecodeTiles,
     PrefillTiles,

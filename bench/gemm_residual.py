@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.record import device_name, git_commit, graph_us  # noqa: E402
-from albireo.kernels.triton_fused import rms_norm  # noqa: E402
+from albireo.bench.record import device_name, git_commit, graph_us
+from albireo.kernels.triton_fused import rms_norm
 
 # name: (input features, hidden)
 SHAPES = {

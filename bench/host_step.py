@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo import LLM, SamplingParams  # noqa: E402
-from albireo.bench.record import write_record  # noqa: E402
-from albireo.bench.throughput import random_prompts  # noqa: E402
-from albireo.sampling.sampler import SamplerOutput  # noqa: E402
+from albireo import LLM, SamplingParams
+from albireo.bench.record import write_record
+from albireo.bench.throughput import random_prompts
+from albireo.sampling.sampler import SamplerOutput
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,

@@ -5,8 +5,10 @@ sizes: 64 calls in a CUDA graph, two ranks. Grids whose programs cannot all be r
 """
 import sys
 from pathlib import Path
+
 import torch
 import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.ranks import run_ranks
 from albireo.bench.record import graph_us

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
 CALLS = 8  # row-parallel layers per captured decode graph
 
 

@@ -91,7 +91,7 @@ def main() -> None:
     args = p.parse_args()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     record = {"device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu", "batch": args.batch, "plain": args.plain,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "runs": []}
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "runs": []}
     print(f"{'tp':>3} {'vocab':>7} {'path':>13} {'ms/step':>9} {'MB recv/rank':>13}")
     for world in args.tp:
         results = run_ranks(_bench, world, device_type, args.batch, args.vocab, args.iters, args.plain, timeout=None)

@@ -227,7 +227,7 @@ def main() -> None:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "commit": git_commit(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "steps": args.steps,
             "warmup": args.warmup,
             "loadavg_before": load_before,

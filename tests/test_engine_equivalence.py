@@ -3,6 +3,7 @@
 import pytest
 
 from albireo import LLM, SamplingParams
+
 from conftest import random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from albireo import LLM, SamplingParams
+
 from conftest import TINY_MODELS, hf_greedy, hf_next_token_logprobs, random_prompts
 
 MAX_NEW_TOKENS = 16

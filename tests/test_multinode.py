@@ -21,9 +21,10 @@ import pytest
 
 from albireo import LLM, SamplingParams
 from albireo.config import ParallelConfig, engine_config
-from albireo.executor.executor import WorkerDiedError
 from albireo.entrypoints.cli import main
+from albireo.executor.executor import WorkerDiedError
 from albireo.executor.node_relay import run_worker_node
+
 from conftest import random_prompts
 from processes import wait_gone
 

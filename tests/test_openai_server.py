@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from albireo.executor.executor import free_port
+
 from processes import wait_gone
 
 API_KEY = "sk-test"
@@ -67,12 +68,12 @@ class Server:
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text
-        m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
         return float(m.group(1)) if m else 0.0
 
     def aborted(self) -> float:
         text = httpx.get(f"{self.url}/metrics").text
-        m = re.search(r'^albireo_request_success_total{[^}]*finished_reason="abort"[^}]*} (\S+)$', text, re.M)
+        m = re.search(r'^albireo_request_success_total{[^}]*finished_reason="abort"[^}]*} (\S+)$', text, re.MULTILINE)
         return float(m.group(1)) if m else 0.0
 
     def stop(self) -> None:

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from albireo import LLM, SamplingParams
+
 from conftest import random_prompts
 
 PROMPTS = random_prompts(5, seed=3)

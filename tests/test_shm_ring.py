@@ -125,7 +125,7 @@ def test_scheduled_order_that_is_not_cached_then_new_is_kept():
 def test_ids_with_nul_and_non_ascii_characters_round_trip():
     ids = ["a\x00b", "日本語", "", "x" * 300, "\x00"]
     cached = [CachedRequestData(i, [1, 2], 7) for i in ids]
-    roundtrip(SchedulerOutput([], cached, {i: 1 for i in ids}, {"\x00done", "é"}))
+    roundtrip(SchedulerOutput([], cached, dict.fromkeys(ids, 1), {"\x00done", "é"}))
 
 
 def test_values_outside_int32_are_refused():

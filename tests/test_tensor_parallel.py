@@ -9,6 +9,7 @@ import pytest
 from albireo import LLM, SamplingParams
 from albireo.executor.executor import WorkerDiedError
 from albireo.profiling.worker_profile import ENV
+
 from conftest import TINY_MODELS, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -69,7 +69,7 @@ def engine_facts(llm, args) -> dict:
 
 def write_record(record: dict, out_dir: str | Path) -> Path:
     """Add the run's context (device, torch, commit, date) and write it; returns the path."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     record = {
         **record,
         "device": device_name(),

@@ -15,8 +15,8 @@ import numpy as np
 
 from albireo.config import EngineConfig
 from albireo.core.scheduler import EngineCoreOutput
-from albireo.engine.detokenizer import IncrementalDetokenizer
 from albireo.engine.client import EngineCoreClient, InprocClient
+from albireo.engine.detokenizer import IncrementalDetokenizer
 from albireo.engine.request import Request
 from albireo.engine.tokenizer import generation_eos_ids, load_tokenizer
 from albireo.outputs import CompletionOutput, Logprob, RequestOutput

@@ -40,11 +40,11 @@ import numpy as np
 from albireo.core.scheduler import CachedRequestData, NewRequestData, SchedulerOutput
 
 __all__ = [
-    "encode_plan",
-    "decode_plan",
-    "plan_uses_pickle",
     "ShmRing",
     "ShmRingHandle",
+    "decode_plan",
+    "encode_plan",
+    "plan_uses_pickle",
 ]
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from albireo.executor.shm_ring import ShmRing, ShmRingHandle, decode_plan
 from albireo.profiling.worker_profile import WorkerProfiler
 from albireo.runner.model_runner import ModelRunner, StepHandle
 
-
 # Command tags: the first byte of each message on the ring.
 EXECUTE, COLLECT, AVAILABLE_KV_BLOCKS, INIT_KV_CACHE, SHUTDOWN = b"E", b"C", b"K", b"I", b"S"
 

@@ -533,4 +533,4 @@ def paged_attention(
     return out
 
 
-__all__ = ["write_kv", "paged_attention", "default_num_splits", "decode_tiles", "DecodeTiles", "PrefillTiles"]
+__all__ = ["DecodeTiles", "PrefillTiles", "decode_tiles", "default_num_splits", "paged_attention", "write_kv"]

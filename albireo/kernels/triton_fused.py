@@ -22,7 +22,7 @@ import triton.language as tl
 
 from albireo.kernels import pdl
 
-__all__ = ["rms_norm", "apply_rotary", "silu_and_mul"]
+__all__ = ["apply_rotary", "rms_norm", "silu_and_mul"]
 
 # One program handles a whole row of rms_norm; rows longer than this would not fit in registers.
 MAX_NORM_BLOCK = 65536

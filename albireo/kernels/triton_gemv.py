@@ -29,7 +29,7 @@ import triton.language as tl
 from albireo.kernels import pdl
 from albireo.kernels.triton_all_reduce import ExchangeSlots, as_summand
 
-__all__ = ["gemv", "config_for", "CONFIGS", "MAX_ROWS"]
+__all__ = ["CONFIGS", "MAX_ROWS", "config_for", "gemv"]
 
 # The measurement covered up to 4 rows; past that a tensor-core GEMM reuses each weight tile.
 MAX_ROWS = 4

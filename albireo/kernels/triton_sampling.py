@@ -16,7 +16,6 @@ import triton.language as tl
 
 from albireo.kernels.triton_all_reduce import ROUNDS, ExchangeSlots, advance_round
 
-
 # Programs wanted in flight at once: a batch too small to fill the GPU with one program per row
 # splits each row's vocabulary into chunks (a single program walking 128k logits of a batch-1
 # decode step took tens of microseconds, most of a step's sampling time).

@@ -22,11 +22,11 @@ from tqdm import tqdm
 from albireo import kernels
 from albireo.config import EngineConfig
 from albireo.core.scheduler import SampledTokens, SchedulerOutput
+from albireo.distributed.parallel_state import tp_size
 from albireo.layers.attention import AttentionMetadata
 from albireo.model.loader import build_model
 from albireo.runner.input_batch import InputBatch, RunnerRequest
 from albireo.runner.kv_offload import HostKVTier, LoadStep, timing_event
-from albireo.distributed.parallel_state import tp_size
 from albireo.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SamplingRow, to_device
 from albireo.sampling.seq_parallel import seq_parallel_sample
 

@@ -9,6 +9,7 @@ import torch
 
 from albireo import LLM, SamplingParams
 from albireo.config import default_model_path
+
 from conftest import hf_greedy, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
