@@ -93,8 +93,8 @@ def main() -> None:
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
     lines = [
-        f"steps {args.steps}: wall {wall / args.steps * 1e3:.2f} ms/step, GPU busy {gpu_us / args.steps / 1e3:.2f} ms/step "
-        f"({gpu_us / 1e6 / wall * 100:.0f}% of wall)",
+        (f"steps {args.steps}: wall {wall / args.steps * 1e3:.2f} ms/step, GPU busy {gpu_us / args.steps / 1e3:.2f} ms/step "
+         f"({gpu_us / 1e6 / wall * 100:.0f}% of wall)"),
         events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60),
         events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
     ]

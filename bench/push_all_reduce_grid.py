@@ -44,7 +44,9 @@ def _rank(rank, world, port, queue):
             if not ok.item():
                 lines.append(f"rows {rows:4d} programs {grid:4d} warps {warps:2d}: skipped (regs {compiled.n_regs}, {per_sm}/SM)")
                 continue
-            fn = lambda: k._push_all_reduce_kernel[(grid,)](*args, **kw)
+            def fn():
+                return k._push_all_reduce_kernel[(grid,)](*args, **kw)
+
             us = graph_us(lambda: [fn() for _ in range(64)], 64)
             lines.append(f"rows {rows:4d} programs {grid:4d} warps {warps:2d}: {us:6.1f} us (regs {compiled.n_regs}, spills {compiled.n_spills})")
             if rank == 0:

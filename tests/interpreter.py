@@ -56,7 +56,7 @@ def _patch_index() -> None:
 def run_in_subprocess(test_file: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
 

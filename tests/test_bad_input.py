@@ -146,7 +146,7 @@ def test_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError) as e:
         SamplingParams(**kwargs)
     msg = str(e.value)
-    assert msg.startswith(field + " ") or msg.startswith(field + "="), msg
+    assert msg.startswith((field + " ", field + "=")), msg
     value = kwargs[field]
     if field == "min_tokens":
         assert "max_tokens=5" in msg and "min_tokens=10" in msg
@@ -251,7 +251,7 @@ def test_safetensors_extra_tensor(llama_path, tmp_path):
     tensors = load_file(str(weights))
     tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="unexpected weight 'model.layers.0.mlp.extra_proj.weight'"):
+    with pytest.raises(ValueError, match=r"unexpected weight 'model.layers.0.mlp.extra_proj.weight'"):
         LLM(str(model))
 
 
@@ -265,7 +265,7 @@ def test_weight_with_wrong_shape(llama_path, tmp_path):
     msg = str(e.value)
     assert str(model) in msg and "does not fit the model config" in msg
     with safe_open(str(model / "model.safetensors"), framework="pt") as f:
-        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not iterable)
     named = [name for name in shapes if f"weight {name!r} of shape {shapes[name]}" in msg]
     assert named, msg
 

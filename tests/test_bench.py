@@ -67,7 +67,7 @@ def test_bench_multiturn_compares_the_host_tier_with_recompute(tiny_model, tmp_p
     main(["bench", "multiturn", "--model", tiny_model("llama"), "--num-conversations", "3", "--turns", "2",
           "--system-len", "20", "--user-len", "16", "--output-len", "3", "--num-kv-blocks", "4",
           "--max-model-len", "64", "--kv-offload-gb", "0.01", "--out-dir", str(tmp_path)])
-    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("multiturn-*.json")]
+    (record,) = (json.loads(p.read_text()) for p in tmp_path.glob("multiturn-*.json"))
     tier, recompute = record["modes"]["host_tier"], record["modes"]["recompute"]
     assert recompute["host_hit_tokens"] == 0 and tier["host_hit_tokens"] > 0
     assert tier["blocks_loaded"] * 16 == tier["host_hit_tokens"] and tier["blocks_saved"] > 0

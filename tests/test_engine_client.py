@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 
@@ -40,7 +41,7 @@ def _run(engine: AsyncLLMEngine, coro):
 
 async def _final(engine: AsyncLLMEngine, request_id: str, prompt, params: SamplingParams):
     out = None
-    async for out in engine.generate(request_id, prompt, params):
+    async for out in engine.generate(request_id, prompt, params):  # noqa: B007 (its last value)
         pass
     return out
 
@@ -71,7 +72,7 @@ def test_streaming_text_grows(async_engine):
 
     texts, out = _run(async_engine, stream())
     assert len(out.outputs[0].token_ids) == 8
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
     assert texts[-1] == out.outputs[0].text
 
 

@@ -39,8 +39,8 @@ def test_prefix_caching_gives_same_tokens_and_hits(baseline):
 
 def test_chunked_prefill_gives_same_tokens(baseline):
     path, expected = baseline
-    tokens, llm = run(path, shared_prefix_prompts(), enable_chunked_prefill=True, max_num_batched_tokens=16,
-                      enable_prefix_caching=False)
+    tokens, _llm = run(path, shared_prefix_prompts(), enable_chunked_prefill=True, max_num_batched_tokens=16,
+                       enable_prefix_caching=False)
     assert tokens == expected
 
 

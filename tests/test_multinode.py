@@ -138,7 +138,7 @@ def test_a_killed_node_fails_the_engine_naming_it_and_leaves_no_process(tiny_mod
         remote = remote_worker_pid(log)
         node1.send_signal(signal.SIGKILL)
         node1.wait()
-        with pytest.raises(WorkerDiedError, match="node 1 .*disconnected"):
+        with pytest.raises(WorkerDiedError, match=r"node 1 .*disconnected"):
             llm.generate(random_prompts(2, seed=1), GREEDY, use_tqdm=False)
         # Node 1's worker notices its ring's writer is gone; node 0's were stopped by the engine.
         assert not wait_gone([remote, *local])
@@ -191,7 +191,7 @@ def test_a_node_with_other_engine_arguments_is_refused(tiny_model):
 
     thread = threading.Thread(target=node1)
     thread.start()
-    with deadline(HANG_S), pytest.raises(ValueError, match="scheduler.max_num_seqs is 8 there and 256 on node 0"):
+    with deadline(HANG_S), pytest.raises(ValueError, match=r"scheduler.max_num_seqs is 8 there and 256 on node 0"):
         node0(path, port)
     thread.join(HANG_S)
     assert refusals and refusals[0].startswith("node 0 refused this node"), refusals

@@ -100,7 +100,7 @@ def client(server):
 
 def _post(server: Server, path: str, body, key: str | None = API_KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if isinstance(body, (str, bytes)):
+    if isinstance(body, str | bytes):
         return httpx.post(f"{server.url}{path}", content=body, headers={**headers, "content-type": "application/json"})
     return httpx.post(f"{server.url}{path}", json=body, headers=headers, **kw)
 
@@ -307,7 +307,7 @@ _JUNK = st.recursive(_JUNK_SCALAR, lambda inner: st.one_of(st.lists(inner, max_s
                      max_leaves=6)
 
 
-def _field(valid, extra=st.nothing()):
+def _field(valid, extra=st.nothing()):  # noqa: B008 (strategies are immutable)
     """Mostly a valid value, sometimes junk or an edge value."""
     return st.one_of(valid, valid, extra, _JUNK)
 
@@ -486,7 +486,7 @@ def test_bench_serve_takes_sharegpt_prompts(server, tmp_path):
     dataset.write_text(json.dumps(conversations))
     main(["bench", "serve", "--base-url", server.url, "--api-key", API_KEY, "--dataset", str(dataset),
           "--num-prompts", "5", "--output-len", "2", "--out-dir", str(tmp_path), "--no-plot"])
-    (record_path,) = [p for p in tmp_path.glob("*.json") if p != dataset]
+    (record_path,) = (p for p in tmp_path.glob("*.json") if p != dataset)
     record = json.loads(record_path.read_text())
     assert record["completed"] == 5 and record["failed"] == 0
 

@@ -54,7 +54,7 @@ def run_and_check(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, pag
     result = ta.paged_attention(
         q, k_cache, v_cache, block_tables,
         torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), scale,
-        max_query_len if max_query_len is not None else max(max(query_lens), 1),
+        max_query_len if max_query_len is not None else max(*query_lens, 1),
         out=out, num_splits=num_splits,
     )  # fmt: skip
     assert result.data_ptr() == out.data_ptr()

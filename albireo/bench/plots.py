@@ -82,9 +82,9 @@ def scaling_runs(
         if (r.get("device") == device and r.get("workload") == workload and r.get("model") == model
                 and r.get("commit") in commits
                 and r.get("async_scheduling") == async_scheduling and "step_breakdown" in r
-                and r.get("all_reduce", "symm_mem") == "symm_mem"):
-            if r["tp"] not in runs or r["date"] > runs[r["tp"]]["date"]:
-                runs[r["tp"]] = r
+                and r.get("all_reduce", "symm_mem") == "symm_mem"
+                and (r["tp"] not in runs or r["date"] > runs[r["tp"]]["date"])):
+            runs[r["tp"]] = r
     return runs
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -131,7 +132,7 @@ class MeasuredRegion:
         self.retries: int | None = None
         self.mallocs: int | None = None
 
-    def __enter__(self) -> MeasuredRegion:
+    def __enter__(self) -> Self:
         if self.timeline is not None:
             self.timeline.reset()  # drop the warm-up's steps
         if self.allocator:

@@ -293,8 +293,8 @@ class RemoteNodes:
         if node not in self._reported:
             ranks = self._ranks(node)
             self._failures.append((
-                f"node {node} (worker ranks {ranks.start}-{ranks.stop - 1}) disconnected: its "
-                "`albireo worker-node` process is gone or the network failed",
+                (f"node {node} (worker ranks {ranks.start}-{ranks.stop - 1}) disconnected: its "
+                 "`albireo worker-node` process is gone or the network failed"),
                 True,
             ))
 
@@ -382,7 +382,9 @@ def _connect(addr: str, port: int) -> Link:
             return Link(socket.create_connection((addr, port), timeout=5.0))
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise NodeStopped(f"node 0's relay at {addr}:{port} did not answer within {JOIN_TIMEOUT_S:.0f} s: {e}")
+                raise NodeStopped(
+                    f"node 0's relay at {addr}:{port} did not answer within {JOIN_TIMEOUT_S:.0f} s: {e}"
+                ) from None
             time.sleep(0.5)
 
 

@@ -31,9 +31,10 @@ import threading
 import time
 from array import array
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import accumulate, chain, pairwise
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
+from typing import Self
 
 import numpy as np
 
@@ -173,7 +174,7 @@ def encode_plan(plan: SchedulerOutput) -> bytes:
 
 def plan_uses_pickle(buf) -> bool:
     """Whether an encoded plan carries a pickle (only plans with new requests do)."""
-    magic, version, flags = _PLAN_HEADER.unpack_from(buf, 0)[:3]
+    magic, _version, flags = _PLAN_HEADER.unpack_from(buf, 0)[:3]
     if magic != _PLAN_MAGIC:
         raise ValueError("not an encoded plan")
     return bool(flags & _F_PICKLE)
@@ -234,7 +235,7 @@ def _decode(mv: memoryview) -> SchedulerOutput:
     else:
         bounds = mv[_PLAN_HEADER.size : pos].cast(_I32).tolist()
         blob = mv[pos : pos + blob_len]
-        ids = [str(blob[a:b], "utf-8") for a, b in zip(bounds, bounds[1:])]
+        ids = [str(blob[a:b], "utf-8") for a, b in pairwise(bounds)]
     if len(ids) != n_ids:
         raise ValueError("encoded plan is corrupt: id count mismatch")
     pos += blob_len + _pad4(blob_len)
@@ -716,7 +717,7 @@ class ShmRing:
             except Exception:
                 pass
 
-    def __enter__(self) -> ShmRing:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,6 +7,7 @@ Input is a flat batch of tokens from many sequences; attention metadata says whi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # Checkpoint projections that live fused in one parameter here: name -> (fused name, shard).
-    fused_weights = {
+    fused_weights: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),

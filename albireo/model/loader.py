@@ -84,7 +84,7 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise FileNotFoundError(f"weight file {path} listed in {index.name} is missing")
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                     yield name, f.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"weight file {path} is unreadable (truncated or corrupt): {e}") from e

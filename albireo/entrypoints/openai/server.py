@@ -301,7 +301,8 @@ class OpenAIServer:
                 conversation, tokenize=False, add_generation_prompt=req.add_generation_prompt
             )
         except Exception as e:  # jinja errors: the template rejected these messages
-            raise APIError(400, f"the chat template failed on these messages: {e}", "BadRequestError", "messages")
+            raise APIError(400, f"the chat template failed on these messages: {e}", "BadRequestError",
+                           "messages") from None
         self._check_capacity()
         # The template spells out BOS and the other special tokens itself.
         [prompt] = self._prepare([prompt], params, False, param="messages")
@@ -324,7 +325,7 @@ class OpenAIServer:
             yield {**base, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
         final = None
-        async for _, final, c, text, entries, _ in self._deltas([prompt], params):
+        async for _, final, c, text, entries, _ in self._deltas([prompt], params):  # noqa: B007 (its last value)
             lps = None if entries is None else {"content": _chat_logprobs(entries, k)}
             delta = {"content": text} if text else {}
             yield {**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lps,
