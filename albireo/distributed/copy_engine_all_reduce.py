@@ -56,7 +56,9 @@ def above_bytes_from_env() -> int:
 # tok/s with NCCL and 15,716 this way in prefill steps of 4096 tokens (32 MiB), while in steps of
 # 8192 (64 MiB) this way won, 19,844 and 19,935 against 18,902 and 18,914
 # (benchmarks/results/ce-threshold-h200x2-c85b803.txt). Why the 4096-token steps lost that much
-# (their forward 72 against 60 ms, the GPU idle 5.7 ms before each) is not known.
+# (their forward 72 against 60 ms, the GPU idle 5.7 ms before each) is not known; it did not come
+# back on another pair, where every eager all-reduce this way made 18,856 tok/s at 4096 tokens
+# (ce-connections-h200x2-a43d6ae.txt, not an A/B against NCCL).
 ABOVE_BYTES = above_bytes_from_env()
 # A receive region holds half the largest product, and this much more: the larger half of an odd
 # number of rows (half a row, up to 128k features).
