@@ -1,10 +1,12 @@
 """The benchmark commands write the records BENCHMARKS.md asks for; the Amdahl model predicts sanely."""
 
 import json
+import time
 
 import pytest
 
 from albireo.bench.amdahl import predict
+from albireo.bench.ranks import run_ranks
 from albireo.entrypoints.cli import main
 from albireo.profiling.step_timeline import StepSummary
 
@@ -105,3 +107,15 @@ def test_fit_needs_two_degrees():
 
     with pytest.raises(ValueError, match="two or more TP degrees"):
         fit_measured({1: 3.0})
+
+
+def _rank_1_fails(rank, world, port, queue):
+    if rank == 1:
+        raise SystemExit(3)
+    time.sleep(60)  # rank 0 would wait for its peer in a collective
+
+
+def test_run_ranks_stops_waiting_as_soon_as_a_rank_fails():
+    # Waiting out the timeout would raise queue.Empty instead.
+    with pytest.raises(RuntimeError, match="rank 1 of 2 exited with code 3"):
+        run_ranks(_rank_1_fails, 2, timeout=50)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue as queue_module
+import time
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -11,16 +13,30 @@ from albireo.executor.executor import free_port
 
 def run_ranks(target: Callable, world: int, *args, timeout: float | None = 240):
     """Run target(rank, world, port, queue, *args) in `world` spawned processes; returns the first
-    thing a rank puts on the queue. Ranks still tearing down NCCL 10 s later are killed: they are
-    done, and that can take longer than the work."""
+    thing a rank puts on the queue. A rank that fails before then ends the wait at once, with an
+    error naming it: its peers would otherwise wait for it in a collective until the timeout. Ranks
+    still tearing down NCCL 10 s after the result are killed: they are done, and that can take
+    longer than the work."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=target, args=(rank, world, port, queue, *args), daemon=True) for rank in range(world)]
     for p in procs:
         p.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        return queue.get(timeout=timeout)
+        while True:
+            try:
+                return queue.get(timeout=1.0)
+            except queue_module.Empty:
+                failed = [(rank, p.exitcode) for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if failed:
+                    for p in procs:
+                        p.kill()
+                    rank, code = failed[0]
+                    raise RuntimeError(f"rank {rank} of {world} exited with code {code} before any result") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
     finally:
         for p in procs:
             p.join(timeout=10)
