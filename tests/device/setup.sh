@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Source on the GPU machine: installs the carried wheels (.whl/) and the default model, and puts
-# the repo on PYTHONPATH. The model's GGUF is over one call's carry limit, so it travels in two
-# parts (.devcache/smol.gguf.part*) over two calls and is stashed in /tmp until both are there.
+# the repo on PYTHONPATH. The model's GGUF (98 MB) is over one call's carry limit (64 MiB with the
+# tree and .whl), so it travels in parts, one carried per call (.devcache/smol.gguf.part*, made with
+# `split -b 32787478 -d GGUF .devcache/smol.gguf.part`: three), stashed in /tmp until all are there.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests
 export PYTHONUNBUFFERED=1
