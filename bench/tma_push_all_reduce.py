@@ -71,13 +71,13 @@ def _rank(rank, world, port, queue):
     peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=dev)
     rounds = torch.zeros(2, dtype=torch.int32, device=dev)
     peer_view = handle.get_buffer(1 - rank, (ROUNDS * world * slot_numel // SUB.value, SUB.value), torch.bfloat16)
+    desc = TensorDescriptor.from_tensor(peer_view, [n // SUB.value, SUB.value])  # one row of n a box
     lines = []
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     for rows in (64, 256, 512, 1024):
         for mode in (0, 1):
             for programs, warps in ((2 * sms, 8), (2 * sms, 4), (sms, 8)):
                 grid = min(rows, programs)
-                desc = TensorDescriptor.from_tensor(peer_view, [n // SUB.value, SUB.value])
                 g = torch.Generator(device=dev).manual_seed(rows * 10 + rank)
                 x0 = torch.randn(rows, n, device=dev, dtype=torch.bfloat16, generator=g)
                 x = x0.clone()
@@ -85,7 +85,8 @@ def _rank(rank, world, port, queue):
                              MODE=mode, num_warps=warps)
                 dist.all_reduce(x0)
                 err = (x - x0).abs().max().item()
-                def fn(grid=grid, mode=mode, warps=warps, desc=desc, x=x, rows=rows):
+
+                def fn(grid=grid, mode=mode, warps=warps, x=x, rows=rows):
                     for _ in range(64):
                         _ar[(grid,)](x, peers, rounds, desc, rows, slot_numel, N=n, RANK=rank, WORLD=world,
                                      ROUNDS=ROUNDS, MODE=mode, num_warps=warps)
