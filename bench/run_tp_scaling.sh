@@ -11,7 +11,8 @@
 #   w2-32b:      W2 on qwen2.5-32b at each degree, async on and off (TP=1 with 200 prompts: its KV
 #                pool holds few sequences next to 64 GB of weights)
 #   profile:     kernel tables of W3 decode steps at TP=1 and TP=2, and each kernel's share of the
-#                chain (bench/critical_path.py on the traces: where TP=2's extra time goes)
+#                chain (bench/critical_path.py on every rank's trace: where TP=2's extra time goes,
+#                and what each all-reduce waited for its peer)
 #   profile-w2:  the same for W2's decode steps of 512 sequences
 #   extra:       the W5 amdahl breakdown, sequence-parallel sampling on GPUs
 # W2 runs at most MAX_NUM_SEQS sequences at once (default 512; vLLM's own default is 1024).
@@ -35,7 +36,8 @@ profile() {  # profile NAME TP PROMPTS INPUT_LEN MAX_NUM_SEQS SKIP_STEPS STEPS: 
   run 200 python3 bench/profile_steps.py --model benchmarks/models/llama-3.1-8b --num-prompts "$3" --input-len "$4" \
     --output-len 64 --max-num-seqs "$5" --skip-steps "$6" --steps "$7" --tensor-parallel-size "$2" \
     --out "$out/prof_$1_tp$2.txt" --trace "$out/$1_tp$2.json.gz"
-  python3 bench/critical_path.py "$out/$1_tp$2.json.gz" --steps "$7" | tee "$out/critical_path_$1_tp$2.txt"
+  python3 bench/critical_path.py "$out/$1_tp$2.json.gz" $(ls "$out/$1_tp$2".rank*.json.gz 2>/dev/null) --steps "$7" \
+    --spread _push_all_reduce | tee "$out/critical_path_$1_tp$2.txt"
 }
 case $stage in
   correctness)

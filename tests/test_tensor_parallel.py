@@ -1,5 +1,7 @@
 """Tensor parallelism over gloo on the CPU: two worker processes give TP=1's tokens."""
 
+import gzip
+import json
 import os
 import signal
 import time
@@ -8,7 +10,7 @@ import pytest
 
 from albireo import LLM, SamplingParams
 from albireo.executor.executor import WorkerDiedError
-from albireo.profiling.worker_profile import ENV
+from albireo.profiling.worker_profile import ENV, TRACE_ENV
 
 from conftest import TINY_MODELS, random_prompts
 
@@ -82,3 +84,16 @@ def test_rank0_profiles_the_steps_asked_for_through_the_environment(tiny_model, 
         llm.engine.shutdown()
     text = table.read_text()
     assert text.startswith("rank 0, 3 steps") and "aten::" in text
+
+
+def test_every_rank_writes_its_own_trace_when_asked(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, f"1:2:{tmp_path / 'rank0.txt'}")
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "steps.json.gz"))
+    llm = LLM(tiny_model("llama"), tensor_parallel_size=2)
+    try:
+        llm.generate(random_prompts(2, seed=1), GREEDY, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    for name in ("steps.json.gz", "steps.rank1.json.gz"):
+        with gzip.open(tmp_path / name, "rt") as f:
+            assert json.load(f)["traceEvents"]
