@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import run_ranks
+from albireo.bench.ranks import hand_back, run_ranks
 from albireo.bench.record import graph_us, write_record
 from albireo.distributed.symm_all_reduce import MAX_BYTES, SymmMemAllReduce
 from albireo.layers.norm import RMSNorm
@@ -66,9 +66,7 @@ def _rank(rank: int, world: int, port: int, queue, hidden: int) -> None:
                   + "; max diff to nccl: "
                   + ", ".join(f"{n} {row[n + '_max_abs_diff']:.3g}" for n in paths if n + "_max_abs_diff" in row),
                   flush=True)
-    dist.barrier()
-    if rank == 0:
-        queue.put(results)
+    hand_back(queue, rank, results)
 
 
 def main() -> None:

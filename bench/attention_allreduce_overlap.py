@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import run_ranks
+from albireo.bench.ranks import hand_back, run_ranks
 from albireo.bench.record import graph_us
 
 CALLS = 8
@@ -137,10 +137,7 @@ def _rank(rank: int, world: int, port: int, queue, rows_list: list[int], side_pr
         results[f"R={rows}"] = times
         if rank == 0:
             print(f"R={rows:5d} " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()), flush=True)
-    if rank == 0:
-        queue.put(results)
-    dist.barrier()
-    dist.destroy_process_group()
+    hand_back(queue, rank, results)
 
 
 def main() -> None:

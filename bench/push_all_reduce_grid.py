@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import run_ranks
+from albireo.bench.ranks import hand_back, run_ranks
 from albireo.bench.record import graph_us
 
 
@@ -51,9 +51,7 @@ def _rank(rank, world, port, queue):
             lines.append(f"rows {rows:4d} programs {grid:4d} warps {warps:2d}: {us:6.1f} us (regs {compiled.n_regs}, spills {compiled.n_spills})")
             if rank == 0:
                 print(lines[-1], flush=True)
-    dist.barrier()
-    if rank == 0:
-        queue.put(lines)
+    hand_back(queue, rank, lines)
 
 
 if __name__ == "__main__":

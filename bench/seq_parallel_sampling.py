@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from albireo.bench.ranks import run_ranks
+from albireo.bench.ranks import hand_back, run_ranks
 from albireo.distributed import parallel_state as ps
 from albireo.kernels.triton_sampling import chunks_for
 from albireo.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
@@ -75,9 +75,7 @@ def _bench(rank, world, port, queue, device_type, batch, vocabs, iters, plain):
                 received = 2 * batch * chunks_for(batch, shard) * 4 * (world - 1)
             results.append({"vocab": vocab, "path": name, "ms": statistics.median(times) * 1e3,
                             "bytes_received_per_rank": int(received)})
-    if rank == 0:
-        queue.put(results)
-    dist.destroy_process_group()
+    hand_back(queue, rank, results)
 
 
 def main() -> None:

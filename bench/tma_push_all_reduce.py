@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import run_ranks
+from albireo.bench.ranks import hand_back, run_ranks
 from albireo.bench.record import graph_us
 from albireo.kernels.triton_all_reduce import ROUNDS, _empty, advance_round, as_summand
 
@@ -95,9 +95,7 @@ def _rank(rank, world, port, queue):
                              f"programs {grid:4d} warps {warps}: {us:6.2f} us  max|diff| vs NCCL {err:g}")
                 if rank == 0:
                     print(lines[-1], flush=True)
-    dist.barrier()
-    if rank == 0:
-        queue.put(lines)
+    hand_back(queue, rank, lines)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import queue as queue_module
 import time
 from collections.abc import Callable
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from albireo.executor.executor import free_port
@@ -42,3 +43,12 @@ def run_ranks(target: Callable, world: int, *args, timeout: float | None = 240):
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+
+
+def hand_back(queue, rank: int, result) -> None:
+    """A rank's last step under run_ranks: once every rank is done (a barrier, so that none still
+    reads a peer's memory), rank 0 puts `result` on the queue, and every rank leaves the group."""
+    dist.barrier()
+    if rank == 0:
+        queue.put(result)
+    dist.destroy_process_group()

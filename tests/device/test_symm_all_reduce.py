@@ -5,7 +5,7 @@ sampling candidates swapped over peer memory give the tokens NCCL's all-gather g
 import pytest
 import torch
 
-from albireo.bench.ranks import run_ranks
+from albireo.bench.ranks import hand_back, run_ranks
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
@@ -42,9 +42,7 @@ def _sums(rank, world, port, queue, dtype):
             graph.replay()
             torch.cuda.synchronize()
             worst = max(worst, (eager - expected).abs().max().item(), (static - expected).abs().max().item())
-    dist.barrier()
-    if rank == 0:
-        queue.put(worst)
+    hand_back(queue, rank, worst)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -99,9 +97,7 @@ def _graph_replays_between_eager_calls(rank, world, port, queue):
         wrong += sum(int(not torch.equal(x, e)) for x, e in zip(xs, expected))
         if step % 3 == 0:
             wrong += _eager_call_differs(ps, g)
-    dist.barrier()
-    if rank == 0:
-        queue.put(wrong)
+    hand_back(queue, rank, wrong)
 
 
 def test_graph_replays_between_eager_calls_stay_correct():
@@ -109,8 +105,6 @@ def test_graph_replays_between_eager_calls_stay_correct():
 
 
 def _fused(rank, world, port, queue):
-    import torch.distributed as dist
-
     from albireo.layers.norm import RMSNorm
 
     ps = _join(rank, world, port, torch.bfloat16)
@@ -130,9 +124,7 @@ def _fused(rank, world, port, queue):
         assert returned is got_residual
         mismatches += int(not torch.equal(got_out, expected_out))
         mismatches += int(not torch.equal(got_residual, expected_residual))
-    dist.barrier()
-    if rank == 0:
-        queue.put(mismatches)
+    hand_back(queue, rank, mismatches)
 
 
 def test_fused_all_reduce_add_norm_equals_all_reduce_then_norm():
@@ -167,9 +159,7 @@ def _vocab_parallel_picks(rank, world, port, queue):
         dist.all_gather(gathered[1], indices)
         expected = pick_candidates(torch.cat(gathered[0], dim=1), torch.cat(gathered[1], dim=1))
         wrong += int(picked is None or not torch.equal(picked, expected)) + int(expected[0].item() != 5)
-    dist.barrier()
-    if rank == 0:
-        queue.put(wrong)
+    hand_back(queue, rank, wrong)
 
 
 def test_vocab_parallel_pick_over_peer_memory_equals_nccl_gather_then_pick():
@@ -215,9 +205,7 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
         want_next = torch.cat([want_out[lo:hi] @ after.weight.t() for lo, hi in halves])
         got_next = after(layer(x, residual=original, norm=norm)[0])
         worst = max(worst, (got_next - want_next).abs().max().item())
-    dist.barrier()
-    if rank == 0:
-        queue.put(worst)
+    hand_back(queue, rank, worst)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -274,9 +262,7 @@ def _gemv_push(rank, world, port, queue):
         mismatches += int(not torch.equal(static_out, want_out)) + int(not torch.equal(static_residual, want_residual))
         if step % 3 == 0:
             mismatches += _eager_call_differs(ps, g)
-    dist.barrier()
-    if rank == 0:
-        queue.put(mismatches)
+    hand_back(queue, rank, mismatches)
 
 
 def test_batch_1_gemv_sending_its_part_itself_equals_nccl_then_norm():
