@@ -38,8 +38,8 @@ def short(name: str) -> str:
     return name[:60]
 
 
-def charges(kernels: list[dict]) -> tuple[list[float], float]:
-    """(each kernel's charge in us, the idle us before it), in stream order."""
+def charges(kernels: list[dict]) -> list[tuple[float, float]]:
+    """Each kernel's (charge, idle time before it) in us, in stream order."""
     out = []
     prev_end = kernels[0]["ts"]
     for k in kernels:
