@@ -3,8 +3,9 @@
 Runs a throughput-style workload with dummy weights, skips the first steps, profiles the next
 ones with torch.profiler and prints the kernel table plus wall time vs GPU-busy time per step;
 with --host, profiles the Python side with cProfile instead (torch.profiler inflates host time).
-With --tensor-parallel-size t > 1 the kernels run in the worker processes: rank 0 profiles itself
-(albireo/profiling/worker_profile.py) and its table is printed (W3 at TP=2:
+With --tensor-parallel-size t > 1 the kernels run in the worker processes: every rank profiles
+itself (albireo/profiling/worker_profile.py), rank 0's table is printed, and with --trace each rank
+writes its own trace (rank r > 0 as NAME.rankR.json.gz) (W3 at TP=2:
 --num-prompts 1 --input-len 128 --output-len 64 --tensor-parallel-size 2).
 """
 
