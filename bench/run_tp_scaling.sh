@@ -15,6 +15,8 @@
 #                and what each all-reduce waited for its peer)
 #   profile-w2:  the same for W2's decode steps of 512 sequences
 #   extra:       the W5 amdahl breakdown, sequence-parallel sampling on GPUs
+#   share:       on one GPU, W2 on llama-3.1-8b and on one rank's share of it at each degree past 1
+#                (bench/rank_share.py): the share's time is a rank's without the exchanges
 # W2 runs at most MAX_NUM_SEQS sequences at once (default 512; vLLM's own default is 1024).
 # Each W2/W3 run writes a record with its per-step breakdown (--profile-steps) and energy.
 set -uo pipefail
@@ -67,6 +69,13 @@ case $stage in
     for t in 1 2; do profile w3 "$t" 1 128 8 10 30; done ;;
   profile-w2)
     for t in 1 2; do profile w2 "$t" 512 512 512 40 5; done ;;
+  share)
+    w2 llama-3.1-8b 1
+    for t in $degrees; do
+      [ "$t" = 1 ] && continue
+      python3 bench/rank_share.py benchmarks/models/llama-3.1-8b "$t" "benchmarks/models/llama-3.1-8b-tp$t-share"
+      w2 "llama-3.1-8b-tp$t-share" 1
+    done ;;
   extra)
     bash bench/run_workloads.sh "$out" W5-amdahl
     run 120 python3 bench/seq_parallel_sampling.py --tp $degrees --batch 256 --out "$out/seq-parallel-sampling.json" ;;
