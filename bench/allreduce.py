@@ -1,5 +1,6 @@
-"""Latency of one all-reduce of a decode step's hidden states: NCCL vs peer memory (our one-shot push
-kernel, alone and fused with the residual add and RMSNorm, and PyTorch's two-shot).
+"""Latency of one all-reduce of a decode step's hidden states: NCCL vs peer memory (our push kernel
+one-shot, alone and fused with the residual add and RMSNorm; past two ranks the same two-shot; and
+PyTorch's two-shot).
 
 A TP decode step of a Llama model makes two all-reduces per layer (after o_proj and down_proj),
 each of batch x hidden bf16 values. This times them the way the engine runs them: 64 back to back
@@ -33,6 +34,8 @@ def _rank(rank: int, world: int, port: int, queue, hidden: int) -> None:
     device = torch.device("cuda", rank)
     symm = SymmMemAllReduce(dist.group.WORLD, device, torch.bfloat16)  # as the engine sets it up
     every_size = SymmMemAllReduce(dist.group.WORLD, device, torch.bfloat16, one_shot_bytes=MAX_BYTES)
+    # Two-shot at every size (our kernel runs two-shot only past two ranks).
+    two_shot_push = SymmMemAllReduce(dist.group.WORLD, device, torch.bfloat16, one_shot_bytes=0) if world > 2 else None
     norm = RMSNorm(hidden, 1e-5).to("cuda", torch.bfloat16)
     residual = torch.randn(max(BATCHES), hidden, device="cuda", dtype=torch.bfloat16)
 
@@ -45,6 +48,9 @@ def _rank(rank: int, world: int, port: int, queue, hidden: int) -> None:
     # "routed": the engine's unfused all-reduce (one-shot or two-shot by size, as tp_all_reduce picks).
     paths = {"nccl": dist.all_reduce, "push": every_size.push, "two_shot": symm.two_shot, "routed": symm,
              "push_then_norm": push_then_norm, "push_norm": push_norm}
+    if two_shot_push is not None:
+        paths["push2"] = two_shot_push.push
+        paths["push2_norm"] = lambda x: two_shot_push.push(x, residual[: x.shape[0]], norm.weight, norm.eps)
     results = {}
     for batch in BATCHES:
         torch.manual_seed(batch * 10 + rank)
@@ -53,7 +59,7 @@ def _rank(rank: int, world: int, port: int, queue, hidden: int) -> None:
         expected = x.clone()
         dist.all_reduce(expected)
         for name, fn in paths.items():
-            if name in ("nccl", "push", "two_shot", "routed"):
+            if name in ("nccl", "push", "two_shot", "routed", "push2"):
                 got = x.clone()
                 fn(got)
                 row[f"{name}_max_abs_diff"] = (got.float() - expected.float()).abs().max().item()

@@ -76,7 +76,7 @@ def _rank(rank: int, world: int, port: int, queue, rows_list: list[int], side_pr
             torch.matmul(attn[s], w_o.t(), out=partial[s])
 
         def all_reduce(s: slice, symm: SymmMemAllReduce, programs: int | None = None) -> torch.Tensor:
-            out, _ = push_all_reduce(partial[s], symm.peers, symm.rounds, symm.one_shot_max_numel, rank,
+            out, _ = push_all_reduce(partial[s], symm.peers, symm.rounds, symm.push_target.slot_numel, rank,
                                      residual=residual[s], weight=norm_weight, eps=1e-5, max_programs=programs)
             return out
 

@@ -31,8 +31,9 @@ def _rank(rank, world, port, queue):
         out = torch.empty_like(x)
         for programs, warps in [(sms, 8), (sms, 16), (sms, 4), (2 * sms, 8), (2 * sms, 4), (4 * sms, 4), (4 * sms, 2)]:
             grid = min(rows, programs)
-            args = (x, out, res, w, symm.peers, symm.rounds, rows, symm.one_shot_max_numel, hidden, 1e-5)
+            args = (x, out, res, w, symm.peers, symm.rounds, rows, symm.push_target.slot_numel, hidden, 1e-5)
             kw = dict(RANK=rank, WORLD=world, ROUNDS=k.ROUNDS, WIDE=False, HAS_NORM=True, BLOCK=hidden, PDL=False, PUSHED=False,
+                      TWO_SHOT=False,
                       num_warps=warps)
             compiled = k._push_all_reduce_kernel.warmup(*args, grid=(grid,), **kw)
             if hasattr(compiled, '_init_handles'):

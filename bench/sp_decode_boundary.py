@@ -67,7 +67,7 @@ def _rank(rank: int, world: int, port: int, queue, rows_list: list[int]) -> None
             after = torch.empty(rows, n2, device=dev, dtype=torch.bfloat16)
 
             def all_reduce(n: int) -> torch.Tensor:
-                out, _ = push_all_reduce(partial[:n], symm.peers, symm.rounds, symm.one_shot_max_numel, rank,
+                out, _ = push_all_reduce(partial[:n], symm.peers, symm.rounds, symm.push_target.slot_numel, rank,
                                          residual=residual[:n], weight=norm_weight, eps=1e-5)
                 return out
 

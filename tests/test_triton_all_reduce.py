@@ -1,6 +1,7 @@
-"""The one-shot push all-reduce kernel, on CPU: three processes stand in for three GPUs, each running
-the kernel in Triton's interpreter over exchange buffers in shared memory. Some calls take their
-rows from a GEMV that pushed them into the peers' slots itself (the batch-1 path)."""
+"""The push all-reduce kernel, on CPU: three processes stand in for three GPUs, each running the
+kernel in Triton's interpreter over exchange buffers in shared memory. Some calls take their rows
+from a GEMV that pushed them into the peers' slots itself (the batch-1 path), some run two-shot
+(each row summed by the rank that owns it and sent back)."""
 
 import os
 
@@ -11,13 +12,15 @@ import interpreter
 
 interpreter.require_triton()
 
-WORLD, ROWS, HIDDEN, EPS = 3, 3, 64, 1e-5
+WORLD, ROWS, HIDDEN, EPS = 3, 4, 64, 1e-5  # rank 0 owns two rows two-shot, the others one
 GEMV_K = 8  # a pushing GEMV's rows are one-hot over its K: its products are exact weight columns
-# (kind, programs), kind "sum", "fused" (with add + RMSNorm) or "pushed" (a pushing GEMV, then the
-# fused call told so): more calls than rounds, so buffers are reused; some with fewer programs than
-# rows, so a program pushes all its rows before it waits for any.
-CALLS = [("sum", None), ("fused", None), ("pushed", None), ("sum", 2), ("fused", 1), ("pushed", None),
-         ("sum", None)]
+# (kind, programs), kind "sum", "fused" (with add + RMSNorm), "pushed" (a pushing GEMV, then the
+# fused call told so), "two-shot sum" or "two-shot fused": more calls than rounds, so buffers are
+# reused; some with fewer programs than rows, so a program pushes all its rows before it waits for
+# any (and, two-shot, holds rows of several owners).
+CALLS = [("sum", None), ("fused", None), ("pushed", None), ("two-shot sum", None), ("sum", 2), ("fused", 1),
+         ("two-shot fused", 2), ("pushed", None), ("two-shot sum", 1), ("two-shot fused", None), ("sum", None)]
+FUSED = ("fused", "pushed", "two-shot fused")
 EMPTY = {torch.float32: (torch.int32, -(2**31)), torch.bfloat16: (torch.int16, -(2**15))}
 
 
@@ -44,11 +47,12 @@ def _rank(rank, exchanges, rounds, inputs, residuals, weight, outputs):
             gemv_weight = torch.zeros(HIDDEN, GEMV_K, dtype=x.dtype)
             gemv_weight[:, torch.arange(ROWS) % GEMV_K] = x.t()
             x = gemv(_one_hot_rows(x.dtype), gemv_weight, push=ExchangeSlots(peers, rounds[rank], slot_numel, rank))
-        if kind == "sum":
-            out = push_all_reduce(x, peers, rounds[rank], slot_numel, rank, max_programs=programs)
+        two_shot = kind.startswith("two-shot")
+        if kind not in FUSED:
+            out = push_all_reduce(x, peers, rounds[rank], slot_numel, rank, max_programs=programs, two_shot=two_shot)
         else:
             out, _ = push_all_reduce(x, peers, rounds[rank], slot_numel, rank, residuals[rank][call], weight, EPS,
-                                     max_programs=programs, pushed=kind == "pushed")
+                                     max_programs=programs, pushed=kind == "pushed", two_shot=two_shot)
         outputs[rank][call].copy_(out)
 
 
@@ -83,24 +87,32 @@ def _assert_equal(run, got, expected):
 
 def test_every_rank_gets_the_sum_of_all_ranks_rows_in_rank_order(run):
     for call, (kind, _) in enumerate(CALLS):
-        if kind == "sum":
+        if kind not in FUSED:
             for rank in range(WORLD):
                 _assert_equal(run, run["outputs"][rank][call], run["sums"][call])
 
 
 def test_fused_call_adds_the_residual_in_place_and_returns_its_rms_norm(run):
-    """Also where a pushing GEMV sent the rows: each rank's own row is its product, each peer's
-    arrives in its slot, and the residual row read before the wait is the row's own."""
+    """Also where a pushing GEMV sent the rows (each rank's own row is its product, each peer's
+    arrives in its slot, and the residual row read before the wait is the row's own) and two-shot."""
     from albireo.layers.norm import RMSNorm
 
     norm = RMSNorm(HIDDEN, EPS).to(run["dtype"])
     norm.weight.data.copy_(run["weight"])
     for call, (kind, _) in enumerate(CALLS):
-        if kind != "sum":
+        if kind in FUSED:
             added = (run["sums"][call].float() + run["residual"][call].float()).to(run["dtype"])
             for rank in range(WORLD):
                 _assert_equal(run, run["residuals"][rank][call], added)
                 torch.testing.assert_close(run["outputs"][rank][call], norm(added), rtol=2e-2, atol=2e-2)
+
+
+def test_two_shot_gives_every_rank_the_same_bits_its_owner_summed(run):
+    for call, (kind, _) in enumerate(CALLS):
+        if kind.startswith("two-shot"):
+            for rank in range(1, WORLD):
+                assert torch.equal(run["outputs"][rank][call], run["outputs"][0][call])
+                assert torch.equal(run["residuals"][rank][call], run["residuals"][0][call])
 
 
 def test_calls_leave_every_slot_empty_and_the_round_advanced(run):

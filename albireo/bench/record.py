@@ -33,7 +33,7 @@ def git_commit() -> str:
 
 def engine_facts(llm, args) -> dict:
     """The record fields that describe the engine a benchmark ran on."""
-    from albireo.distributed import parallel_state
+    from albireo.distributed import parallel_state, symm_all_reduce
     from albireo.layers import linear
     from albireo.runner import model_runner
 
@@ -61,6 +61,9 @@ def engine_facts(llm, args) -> dict:
         # Batch-1 GEMVs sending their all-reduce part themselves (TP > 1), ALBIREO_GEMV_PUSH=0 off.
         "gemv_push": (config.device == "cuda" and config.fused_kernels and linear.GEMV_PUSH
                       and config.parallel.tensor_parallel_size > 1 and config.parallel.peer_memory),
+        # Past two GPU ranks, our two-shot kernel for mid-size all-reduces, ALBIREO_TWO_SHOT_PUSH=0 off.
+        "two_shot_push": (config.device == "cuda" and config.parallel.tensor_parallel_size > 2
+                          and config.parallel.peer_memory and symm_all_reduce.TWO_SHOT_PUSH),
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,

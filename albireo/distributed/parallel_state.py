@@ -56,11 +56,11 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def tp_one_shot_rms_norm(x: torch.Tensor, residual: torch.Tensor) -> SymmMemAllReduce | None:
+def tp_push_rms_norm(x: torch.Tensor, residual: torch.Tensor) -> SymmMemAllReduce | None:
     """The peer-memory all-reduce that sums x, adds the residual and normalizes in one kernel, where
-    it takes x (fused kernels on, x fits the one-shot kernel, the residual is like x); else None."""
+    it takes x (fused kernels on, x fits our push kernel, the residual is like x); else None."""
     if (_size > 1 and _symm_all_reduce is not None and kernels.fused_on(x) and residual.dtype == x.dtype
-            and residual.shape == x.shape and residual.is_contiguous() and _symm_all_reduce.fits_one_shot(x)):
+            and residual.shape == x.shape and residual.is_contiguous() and _symm_all_reduce.fits_push(x)):
         return _symm_all_reduce
     return None
 
@@ -69,8 +69,8 @@ def tp_all_reduce_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rms_norm(sum of x + residual), sum of x + residual) in one kernel, the second in place in
-    residual, where `tp_one_shot_rms_norm` takes x; None elsewhere."""
-    symm = tp_one_shot_rms_norm(x, residual)
+    residual, where `tp_push_rms_norm` takes x; None elsewhere."""
+    symm = tp_push_rms_norm(x, residual)
     return symm.push(x, residual, weight, eps) if symm is not None else None
 
 

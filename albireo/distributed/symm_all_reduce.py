@@ -5,17 +5,24 @@ spends ~20 us on each even inside a CUDA graph. Here every rank owns buffers in 
 memory (mapped into each peer's address space through CUDA IPC, no multicast). Up to
 `one_shot_max_bytes` one kernel of ours pushes each rank's values into every peer's buffer and sums
 what arrives, with no barrier (`albireo/kernels/triton_all_reduce.py`), and can go on into the
-residual add and RMSNorm after it; mid sizes take PyTorch's two-shot kernel (reduce-scatter and
-all-gather through the buffers, with barriers); past `max_bytes` NCCL. The same scheme swaps the
-vocabulary-parallel sampler's candidates (`pick`).
+residual add and RMSNorm after it. Past that, with more than two ranks, the same kernel runs
+two-shot (each row summed by one rank and sent back) up to `max_bytes`; what it cannot take
+(rows too wide, or too many for a slot) goes to PyTorch's two-shot kernel (reduce-scatter and
+all-gather through the buffers, with barriers), and past `max_bytes` to NCCL. The same scheme swaps
+the vocabulary-parallel sampler's candidates (`pick`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
 MAX_BYTES = 8 * 2**20
+# The A/B switch of our two-shot kernel: ALBIREO_TWO_SHOT_PUSH=0 leaves the sizes between the
+# one-shot kernel's and MAX_BYTES to PyTorch's two-shot kernel and a norm kernel after it, as before.
+TWO_SHOT_PUSH = os.environ.get("ALBIREO_TWO_SHOT_PUSH", "1") != "0"
 # Sampling candidates a vocabulary-parallel step swaps at most: a row's chunks fill 512 programs,
 # so a batch has max(512, rows) of them (`albireo.kernels.triton_sampling.chunks_for`).
 MAX_CANDIDATES = 4096
@@ -25,9 +32,13 @@ def one_shot_max_bytes(world: int) -> int:
     """Up to which size the one-shot push kernel takes an all-reduce. At two ranks it sends no more
     bytes than two-shot (half out, half back) and waits once instead of at two barriers, so it takes
     every size (on two H200s 17 us against two-shot's 25 at 4 MiB); with more ranks it sends
-    world - 1 copies of the whole tensor, and on four H200s it won up to 512 KiB and lost from 1 MiB
-    (benchmarks/results/allreduce-hidden4096-bf16-tp4-20261127T010559.json)."""
-    return MAX_BYTES if world == 2 else 512 * 1024
+    world - 1 copies of the whole tensor: on four H200s it still beats our two-shot at 256 KiB (7.3 against
+    8.0 us with the norm) and loses from 512 KiB (10.5 against 9.0; 48.7 against 23.5 at 4 MiB,
+    benchmarks/results/allreduce-hidden4096-bf16-tp4-20261127T191255.json). ALBIREO_ONE_SHOT_MAX_BYTES
+    sets another bound (tests send every all-reduce two-shot with 0)."""
+    if "ALBIREO_ONE_SHOT_MAX_BYTES" in os.environ:
+        return int(os.environ["ALBIREO_ONE_SHOT_MAX_BYTES"])
+    return MAX_BYTES if world == 2 else 256 * 1024
 
 
 class SymmMemAllReduce:
@@ -49,6 +60,10 @@ class SymmMemAllReduce:
         if one_shot_bytes is None:
             one_shot_bytes = one_shot_max_bytes(world)
         self.one_shot_max_numel = one_shot_bytes // dtype.itemsize
+        self.world = world
+        self.two_shot_push = TWO_SHOT_PUSH and world > 2
+        # Two-shot, a slot holds in each half an owner's share of the rows: 1 / world of them.
+        slot_numel = max(self.one_shot_max_numel, 2 * -(-self.max_numel // world) if self.two_shot_push else 0)
 
         self.staging = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         symm_mem.rendezvous(self.staging, group)
@@ -65,16 +80,22 @@ class SymmMemAllReduce:
 
         self.buffers: list[torch.Tensor] = []
         # The all-reduce's, which a pushing GEMV also writes into (`push_target`).
-        self.push_target = exchange_slots(self.one_shot_max_numel, dtype, -0.0)
+        self.push_target = exchange_slots(slot_numel, dtype, -0.0)
         self.peers, self.rounds = self.push_target.peers, self.push_target.rounds
         self.candidate_exchange = exchange_slots(MAX_CANDIDATES, torch.int64, triton_sampling.EMPTY_CANDIDATE.value)
 
     def takes(self, x: torch.Tensor) -> bool:
-        """Whether one of the two kernels sums x; the caller sends the rest to NCCL."""
-        return self.fits_one_shot(x) or self.fits_two_shot(x)
+        """Whether one of the kernels sums x; the caller sends the rest to NCCL."""
+        return self.fits_push(x) or self.fits_two_shot(x)
 
     def fits_one_shot(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and self.kernels.fits(x, self.one_shot_max_numel)
+
+    def fits_push(self, x: torch.Tensor) -> bool:
+        """Whether our kernel sums x, one-shot or two-shot (and so can add and normalize after)."""
+        return self.fits_one_shot(x) or (
+            self.two_shot_push and x.dtype == self.dtype and x.numel() <= self.max_numel
+            and self.kernels.fits(x, self.push_target.slot_numel, self.world, two_shot=True))
 
     def fits_two_shot(self, x: torch.Tensor) -> bool:
         # The two-shot kernel moves 16-byte vectors: the size must be a whole number of them.
@@ -83,7 +104,7 @@ class SymmMemAllReduce:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (x must be taken: `takes`)."""
-        return self.push(x) if self.fits_one_shot(x) else self.two_shot(x)
+        return self.push(x) if self.fits_push(x) else self.two_shot(x)
 
     def pick(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
         """Each row's token from the ranks' sampling candidates [B, C] of their vocabulary shards
@@ -109,7 +130,8 @@ class SymmMemAllReduce:
 
     def push(self, x: torch.Tensor, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None,
              eps: float = 0.0, pushed: bool = False):
-        """The one-shot sum (x must fit it); with residual and weight, fused with add and RMSNorm.
-        pushed: the GEMV that wrote x already sent it to the peers (through `push_target`)."""
-        return self.kernels.push_all_reduce(x, self.peers, self.rounds, self.one_shot_max_numel, self.rank,
-                                            residual, weight, eps, pushed=pushed)
+        """Our kernel's sum (x must fit it: `fits_push`), one-shot where that fits; with residual and
+        weight, fused with add and RMSNorm. pushed: the GEMV that wrote x already sent it to the peers
+        (through `push_target`)."""
+        return self.kernels.push_all_reduce(x, self.peers, self.rounds, self.push_target.slot_numel, self.rank,
+                                            residual, weight, eps, pushed=pushed, two_shot=not self.fits_one_shot(x))

@@ -1,8 +1,8 @@
-"""One-shot all-reduce in one kernel, with no barrier: every rank pushes its rows into every peer's
-buffer and sums what lands in its own (the Lamport scheme, as TensorRT-LLM's small all-reduce).
+"""All-reduce in one kernel, with no barrier: every rank pushes its rows into its peers' buffers and
+sums what lands in its own (the Lamport scheme, as TensorRT-LLM's small all-reduce).
 
 Each rank owns an exchange buffer mapped into every peer's address space (torch symmetric memory,
-CUDA IPC): ROUNDS rounds x world slots x `slot_numel` elements. Empty elements hold -0.0. In a call,
+CUDA IPC): ROUNDS rounds x world slots x `slot_numel` elements. Empty elements hold -0.0. One-shot,
 rank r writes its partial sums (any -0.0 turned into +0.0, which sums the same) into slot r of the
 current round in every peer's buffer, then polls its own buffer's slots of the peers until no
 element is -0.0 any more, adds them and its own partial sums (read in place) in rank order and
@@ -10,6 +10,11 @@ writes -0.0 back behind it. Since each element is written once per round, "not -
 peer's value arrived": no flags, no barrier, one launch. At batch 1 the row-parallel GEMV writes its
 product into the peers' slots itself (`albireo.kernels.triton_gemv.gemv(push=...)`), as its programs
 finish, and this kernel is told so (`pushed`): it only waits and sums.
+
+One-shot sends world - 1 copies of the tensor. Past two ranks and a few hundred KiB that is more than
+NVLink carries in time, and the same kernel runs two-shot (`two_shot`): each row is summed by one
+rank, its owner, which the others send their parts to and which sends the total back, in two halves
+of the same slots; a rank sends 2 (world - 1) / world of the tensor, and still no barrier.
 
 The round lives in device memory (a counter the call's last program advances), not in Python, so a
 CUDA graph replays the right round whatever number of calls it captured. Reusing a round's buffer
@@ -76,6 +81,25 @@ def advance_round(round_ptr, turn, step, ROUNDS: tl.constexpr):
         tl.store(round_ptr, (turn + 1) % ROUNDS)
 
 
+@triton.jit
+def _take(slot, mask, empty, WIDE: tl.constexpr):
+    """A peer's row from this rank's own buffer once every element has landed, emptied behind it."""
+    v = tl.load(slot, mask=mask, other=0.0, volatile=True)
+    while tl.max((_empty(v, WIDE) & mask).to(tl.int32), axis=0) > 0:
+        v = tl.load(slot, mask=mask, other=0.0, volatile=True)
+    tl.store(slot, empty, mask=mask)
+    return v
+
+
+@triton.jit
+def _write_row(s, at, cols, mask, out_ptr, res_ptr, w, N, eps, HAS_NORM: tl.constexpr):
+    """A summed row (with the residual added, under HAS_NORM) into the residual and the output."""
+    if HAS_NORM:
+        tl.store(res_ptr + at + cols, s, mask=mask)
+        s = rms_normalize(s, w, N, eps)
+    tl.store(out_ptr + at + cols, s.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["rows"])  # one compiled variant for every batch size
 def _push_all_reduce_kernel(
     x_ptr,
@@ -96,6 +120,7 @@ def _push_all_reduce_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
     PUSHED: tl.constexpr,
+    TWO_SHOT: tl.constexpr,
 ):
     first = tl.program_id(0)
     step = tl.num_programs(0)
@@ -107,6 +132,7 @@ def _push_all_reduce_kernel(
         empty = tl.full([BLOCK], -2147483648, tl.int32).to(dtype, bitcast=True)
     else:
         empty = tl.full([BLOCK], -32768, tl.int16).to(dtype, bitcast=True)
+    w = x_ptr  # no norm: never read
     if HAS_NORM:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # no kernel writes a weight: read before the wait
     if PUSHED:
@@ -121,57 +147,98 @@ def _push_all_reduce_kernel(
     if not PUSHED:
         turn = tl.load(round_ptr)
     round_base = turn.to(tl.int64) * WORLD * slot_numel + cols
+    own = tl.multiple_of(tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype)), 16)
 
-    # Every row this program owns goes out before it waits for any: a program never waits on a
-    # peer's program that cannot run, as long as all programs fit on the GPU at once (the grid is
-    # at most two per SM, each of at most eight warps). PUSHED: the kernel that wrote x sent it.
-    if not PUSHED:
+    if TWO_SHOT:
+        # Row r belongs to rank r % WORLD, which alone sums it: the others send it their parts
+        # (first half of a slot, at the row's place among its owner's rows), and it sends the total
+        # back to each of them (second half). Every rank gets the same bits, and each sends
+        # 2 (WORLD - 1) / WORLD of x instead of the one-shot's WORLD - 1 copies. A program waits only
+        # on the peers' programs of its own index (same grid, same rows), which send every part
+        # before they wait, and every owner sends its totals before it waits for the others'.
+        half = slot_numel // 2
+        for row in range(first, rows, step):
+            owner = row % WORLD
+            if owner != RANK:
+                x = as_summand(tl.load(x_ptr + row * N + cols, mask=mask, other=0.0), WIDE)
+                buffer = tl.multiple_of(tl.load(peers_ptr + owner).to(tl.pointer_type(dtype)), 16)
+                tl.store(buffer + round_base + RANK * slot_numel + (row // WORLD) * N, x, mask=mask)
+        for row in range(first, rows, step):
+            if row % WORLD == RANK:
+                at = row * N
+                place = (row // WORLD) * N
+                mine = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+                if HAS_NORM:
+                    r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
+                total = tl.zeros([BLOCK], dtype=tl.float32)
+                for src in tl.static_range(WORLD):
+                    if src == RANK:
+                        v = mine
+                    else:
+                        v = _take(own + round_base + src * slot_numel + place, mask, empty, WIDE)
+                    total += v.to(tl.float32)
+                s = total.to(dtype)
+                if HAS_NORM:
+                    s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
+                s = as_summand(s, WIDE)  # what the peers get, so what this rank keeps too
+                for peer in tl.static_range(WORLD):
+                    if peer != RANK:
+                        buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
+                        tl.store(buffer + round_base + RANK * slot_numel + half + place, s, mask=mask)
+                _write_row(s, at, cols, mask, out_ptr, res_ptr, w, N, eps, HAS_NORM)
+        for row in range(first, rows, step):
+            owner = row % WORLD
+            if owner != RANK:
+                s = _take(own + round_base + owner * slot_numel + half + (row // WORLD) * N, mask, empty, WIDE)
+                _write_row(s, row * N, cols, mask, out_ptr, res_ptr, w, N, eps, HAS_NORM)
+    else:
+        # Every row this program owns goes out before it waits for any: a program never waits on a
+        # peer's program that cannot run, as long as all programs fit on the GPU at once (the grid is
+        # at most two per SM, each of at most eight warps). PUSHED: the kernel that wrote x sent it.
+        if not PUSHED:
+            for row in range(first, rows, step):
+                at = row * N  # < slot_numel: fits int32
+                x = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+                x = as_summand(x, WIDE)
+                for peer in tl.static_range(WORLD):
+                    if peer != RANK:
+                        # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
+                        buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
+                        tl.store(buffer + round_base + RANK * slot_numel + at, x, mask=mask)
+
         for row in range(first, rows, step):
             at = row * N  # < slot_numel: fits int32
-            x = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
-            x = as_summand(x, WIDE)
-            for peer in tl.static_range(WORLD):
-                if peer != RANK:
-                    # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
-                    buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
-                    tl.store(buffer + round_base + RANK * slot_numel + at, x, mask=mask)
-
-    own = tl.multiple_of(tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype)), 16)
-    for row in range(first, rows, step):
-        at = row * N  # < slot_numel: fits int32
-        # This rank's own part (read where it is, never copied into a slot) and the residual are
-        # loaded before the peers' parts are polled for, so they arrive while those cross NVLink.
-        mine = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
-        if HAS_NORM:
-            if PUSHED:
-                r = residual_row
-            else:
-                r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        for src in tl.static_range(WORLD):
-            if src == RANK:
-                v = mine
-            else:
-                slot = own + round_base + src * slot_numel + at
-                v = tl.load(slot, mask=mask, other=0.0, volatile=True)
-                while tl.max((_empty(v, WIDE) & mask).to(tl.int32), axis=0) > 0:
-                    v = tl.load(slot, mask=mask, other=0.0, volatile=True)
-                tl.store(slot, empty, mask=mask)
-            total += v.to(tl.float32)
-        s = total.to(dtype)
-        if HAS_NORM:
-            s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            tl.store(res_ptr + at + cols, s, mask=mask)
-            s = rms_normalize(s, w, N, eps)
-        tl.store(out_ptr + at + cols, s.to(out_ptr.dtype.element_ty), mask=mask)
+            # This rank's own part (read where it is, never copied into a slot) and the residual are
+            # loaded before the peers' parts are polled for, so they arrive while those cross NVLink.
+            mine = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+            if HAS_NORM:
+                if PUSHED:
+                    r = residual_row
+                else:
+                    r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+            for src in tl.static_range(WORLD):
+                if src == RANK:
+                    v = mine
+                else:
+                    v = _take(own + round_base + src * slot_numel + at, mask, empty, WIDE)
+                total += v.to(tl.float32)
+            s = total.to(dtype)
+            if HAS_NORM:
+                s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            _write_row(s, at, cols, mask, out_ptr, res_ptr, w, N, eps, HAS_NORM)
 
     advance_round(round_ptr, turn, step, ROUNDS)
 
 
-def fits(x: torch.Tensor, slot_numel: int) -> bool:
-    """Whether the push kernel takes x: rows of its last dimension, each whole in one program."""
-    return (x.is_contiguous() and x.dim() >= 1 and 0 < x.numel() <= slot_numel
-            and x.shape[-1] <= MAX_NORM_BLOCK and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
+def fits(x: torch.Tensor, slot_numel: int, world: int = 1, two_shot: bool = False) -> bool:
+    """Whether the push kernel takes x: rows of its last dimension, each whole in one program, that
+    fit a slot (one-shot) or, two-shot, whose owners' shares of them fit half a slot each."""
+    if not (x.is_contiguous() and x.dim() >= 1 and x.numel() > 0 and x.shape[-1] <= MAX_NORM_BLOCK
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+        return False
+    n = x.shape[-1]
+    return -(-(x.numel() // n) // world) * n <= slot_numel // 2 if two_shot else x.numel() <= slot_numel
 
 
 def push_all_reduce(
@@ -185,6 +252,7 @@ def push_all_reduce(
     eps: float = 0.0,
     max_programs: int | None = None,
     pushed: bool = False,
+    two_shot: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The sum of x over the ranks, in place in x; with a residual and a norm weight, instead
     (rms_norm(sum + residual), sum + residual), the second written into the residual in place.
@@ -200,6 +268,8 @@ def push_all_reduce(
     pushed: the kernel that wrote x already sent it into the peers' buffers for this round (the
     GEMV's `push`), so this kernel only waits for theirs and sums. That kernel must be the
     one launched just before this one, and the grid must give every row a program of its own.
+
+    two_shot: each row summed by one rank and sent back (`fits(x, slot_numel, world, two_shot=True)`).
     """
     n = x.shape[-1]
     rows = x.numel() // n
@@ -211,9 +281,10 @@ def push_all_reduce(
     if max_programs is None:
         max_programs = sm_count(x.device) * (2 if warps <= 8 else 1)
     assert not pushed or rows <= max_programs, "a pushed call needs a program for every row"
+    assert not (pushed and two_shot), "a pushing GEMV sends one-shot"
     _push_all_reduce_kernel[(min(rows, max_programs),)](
         x, out, residual if has_norm else x, weight if has_norm else x, peers, rounds, rows, slot_numel, n, eps,
         RANK=rank, WORLD=peers.numel(), ROUNDS=ROUNDS, WIDE=x.element_size() == 4, HAS_NORM=has_norm,
-        BLOCK=block, PDL=on, PUSHED=pushed, num_warps=warps, launch_pdl=on,
+        BLOCK=block, PDL=on, PUSHED=pushed, TWO_SHOT=two_shot, num_warps=warps, launch_pdl=on,
     )
     return (out, residual) if has_norm else out

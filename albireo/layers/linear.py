@@ -21,7 +21,7 @@ from albireo.distributed.parallel_state import (
     tp_all_reduce,
     tp_all_reduce_rms_norm,
     tp_copy_engine_all_reduce,
-    tp_one_shot_rms_norm,
+    tp_push_rms_norm,
     tp_rank,
     tp_size,
 )
@@ -232,8 +232,8 @@ class RowParallelLinear(nn.Module):
                 return norm(residual), residual
             if norm is not None and self.bias is None and GEMV_PUSH and tp_size() > 1 and _gemv_takes(x):
                 y = torch.empty(1, self.weight.shape[0], dtype=x.dtype, device=x.device)
-                symm = tp_one_shot_rms_norm(y, residual)
-                if symm is not None:
+                symm = tp_push_rms_norm(y, residual)
+                if symm is not None and symm.fits_one_shot(y):
                     # The GEMV sends its part to the peers as its programs finish, so it crosses
                     # NVLink under the GEMV's tail instead of after it; the kernel after it only waits
                     # for theirs, adds and normalizes (W3 at TP=2 on two H200s: 0.677 s against 0.710).

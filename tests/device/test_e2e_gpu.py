@@ -257,6 +257,24 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
     assert tp_n == tp1
 
 
+def test_tp4_with_every_all_reduce_two_shot_equals_tp1(tiny_model, monkeypatch):
+    """The tiny model's activations fit the one-shot kernel: lower its bound to zero bytes (the
+    workers read it when they start) so that every all-reduce of up to 8 MiB runs our two-shot
+    kernel, fused with the norm after it, in prefill steps and in decode graphs."""
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs")
+    monkeypatch.setenv("ALBIREO_ONE_SHOT_MAX_BYTES", "0")
+    path = tiny_model("qwen3")
+    prompts = random_prompts(9, seed=12)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+    if path not in _TP1_TOKENS:
+        _TP1_TOKENS[path] = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3),
+                                              prompts, params)
+    tp4 = _tokens_then_free(lambda: LLM(path, dtype="float32", tensor_parallel_size=4, gpu_memory_utilization=0.3),
+                            prompts, params)
+    assert tp4 == _TP1_TOKENS[path]
+
+
 def test_tp2_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_model, monkeypatch):
     """The tiny model's activations are far below the copy-engine path's size: lower it to zero bytes
     (the workers read it when they start) so that every prefill layer takes it, and every decode

@@ -10,8 +10,8 @@ from albireo.bench.ranks import hand_back, run_ranks
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 # Shapes of one-shot sizes (the push kernel at every TP size up to 512 KiB, and at TP=2 up to
-# 8 MiB), two-shot sizes at TP > 2, and one past 8 MiB (NCCL).
-SHAPES = [(8,), (1, 4096), (3, 4096), (32, 4096), (64, 4096), (512, 4096), (2048 + 1, 4096)]
+# 8 MiB), two-shot sizes at TP > 2 (129 rows: the owners' shares differ), and one past 8 MiB (NCCL).
+SHAPES = [(8,), (1, 4096), (3, 4096), (32, 4096), (64, 4096), (129, 4096), (512, 4096), (2048 + 1, 4096)]
 
 
 def _join(rank, world, port, dtype):
@@ -111,7 +111,7 @@ def _fused(rank, world, port, queue):
     norm = RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16)
     norm.weight.data.normal_(1.0, 0.1, generator=torch.Generator(device="cuda").manual_seed(0))
     mismatches = 0
-    for rows in (1, 5, 32):
+    for rows in (1, 5, 32, 129, 512):  # past two ranks, the last two run two-shot
         torch.manual_seed(rows * 10 + rank)
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
         torch.manual_seed(rows)  # the residual is the same on every rank, as in the model
@@ -127,8 +127,11 @@ def _fused(rank, world, port, queue):
     hand_back(queue, rank, mismatches)
 
 
-def test_fused_all_reduce_add_norm_equals_all_reduce_then_norm():
-    assert run_ranks(_fused, 2) == 0
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_all_reduce_add_norm_equals_all_reduce_then_norm(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    assert run_ranks(_fused, world) == 0
 
 
 def _vocab_parallel_picks(rank, world, port, queue):
@@ -226,7 +229,7 @@ def _gemv_push(rank, world, port, queue):
 
     ps = _join(rank, world, port, torch.bfloat16)
     probe = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
-    assert linear.GEMV_PUSH and ps.tp_one_shot_rms_norm(probe, probe.clone()) is not None, "not the pushing path"
+    assert linear.GEMV_PUSH and ps.tp_push_rms_norm(probe, probe.clone()) is not None, "not the pushing path"
     layer = RowParallelLinear(2 * 1024, 4096).to("cuda", torch.bfloat16)
     layer.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(rank))
     norm = RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16)
