@@ -92,6 +92,25 @@ def _take(slot, mask, empty, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _sum_row(mine, r, slots, slot_numel, mask, empty, RANK: tl.constexpr, WORLD: tl.constexpr,
+             WIDE: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """This rank's part of a row and each peer's (taken from its slot; `slots` points at slot 0
+    where the row's parts land) summed in rank order in float32, rounded, and under HAS_NORM the
+    residual r added."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for src in tl.static_range(WORLD):
+        if src == RANK:
+            v = mine
+        else:
+            v = _take(slots + src * slot_numel, mask, empty, WIDE)
+        total += v.to(tl.float32)
+    s = total.to(mine.dtype)
+    if HAS_NORM:
+        s = (s.to(tl.float32) + r.to(tl.float32)).to(mine.dtype)
+    return s
+
+
+@triton.jit
 def _write_row(s, at, cols, mask, out_ptr, res_ptr, w, N, eps, HAS_NORM: tl.constexpr):
     """A summed row (with the residual added, under HAS_NORM) into the residual and the output."""
     if HAS_NORM:
@@ -168,18 +187,11 @@ def _push_all_reduce_kernel(
                 at = row * N
                 place = (row // WORLD) * N
                 mine = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+                r = mine  # no norm: never read
                 if HAS_NORM:
                     r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
-                total = tl.zeros([BLOCK], dtype=tl.float32)
-                for src in tl.static_range(WORLD):
-                    if src == RANK:
-                        v = mine
-                    else:
-                        v = _take(own + round_base + src * slot_numel + place, mask, empty, WIDE)
-                    total += v.to(tl.float32)
-                s = total.to(dtype)
-                if HAS_NORM:
-                    s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
+                s = _sum_row(mine, r, own + round_base + place, slot_numel, mask, empty, RANK, WORLD, WIDE, HAS_NORM,
+                             BLOCK)
                 s = as_summand(s, WIDE)  # what the peers get, so what this rank keeps too
                 for peer in tl.static_range(WORLD):
                     if peer != RANK:
@@ -211,21 +223,13 @@ def _push_all_reduce_kernel(
             # This rank's own part (read where it is, never copied into a slot) and the residual are
             # loaded before the peers' parts are polled for, so they arrive while those cross NVLink.
             mine = tl.load(x_ptr + at + cols, mask=mask, other=0.0)
+            r = mine  # no norm: never read
             if HAS_NORM:
                 if PUSHED:
                     r = residual_row
                 else:
                     r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-            for src in tl.static_range(WORLD):
-                if src == RANK:
-                    v = mine
-                else:
-                    v = _take(own + round_base + src * slot_numel + at, mask, empty, WIDE)
-                total += v.to(tl.float32)
-            s = total.to(dtype)
-            if HAS_NORM:
-                s = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            s = _sum_row(mine, r, own + round_base + at, slot_numel, mask, empty, RANK, WORLD, WIDE, HAS_NORM, BLOCK)
             _write_row(s, at, cols, mask, out_ptr, res_ptr, w, N, eps, HAS_NORM)
 
     advance_round(round_ptr, turn, step, ROUNDS)
