@@ -232,7 +232,19 @@ def _tokens_then_free(make_llm, prompts, params) -> list[list[int]]:
     return tokens
 
 
-_TP1_TOKENS: dict = {}  # the TP=1 tokens every parametrization of the test below compares with
+_TP1_TOKENS: dict = {}  # the TP=1 tokens of each model, for every TP run below to compare with
+
+
+def _tp_and_tp1_tokens(path, **engine_args) -> tuple[list, list]:
+    """Seeded-sampling tokens of the same nine prompts on an engine of engine_args, and at TP=1."""
+    prompts = random_prompts(9, seed=12)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+    if path not in _TP1_TOKENS:
+        _TP1_TOKENS[path] = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3),
+                                              prompts, params)
+    tp_n = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3, **engine_args),
+                             prompts, params)
+    return tp_n, _TP1_TOKENS[path]
 
 
 @pytest.mark.parametrize("tp,tp_sampling,all_reduce", [
@@ -244,16 +256,7 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
         pytest.skip(f"needs {tp} GPUs")
     # qwen3's one KV head is replicated on every rank; eight ranks need the model with eight heads.
     path = tiny_model("llama-8-heads" if tp == 8 else "qwen3")
-    prompts = random_prompts(9, seed=12)
-    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
-    if path not in _TP1_TOKENS:
-        _TP1_TOKENS[path] = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3),
-                                              prompts, params)
-    tp1 = _TP1_TOKENS[path]
-    tp_n = _tokens_then_free(
-        lambda: LLM(path, dtype="float32", tensor_parallel_size=tp, tp_sampling=tp_sampling, all_reduce=all_reduce,
-                    gpu_memory_utilization=0.3),
-        prompts, params)
+    tp_n, tp1 = _tp_and_tp1_tokens(path, tensor_parallel_size=tp, tp_sampling=tp_sampling, all_reduce=all_reduce)
     assert tp_n == tp1
 
 
@@ -264,15 +267,8 @@ def test_tp4_with_every_all_reduce_two_shot_equals_tp1(tiny_model, monkeypatch):
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs")
     monkeypatch.setenv("ALBIREO_ONE_SHOT_MAX_BYTES", "0")
-    path = tiny_model("qwen3")
-    prompts = random_prompts(9, seed=12)
-    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
-    if path not in _TP1_TOKENS:
-        _TP1_TOKENS[path] = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3),
-                                              prompts, params)
-    tp4 = _tokens_then_free(lambda: LLM(path, dtype="float32", tensor_parallel_size=4, gpu_memory_utilization=0.3),
-                            prompts, params)
-    assert tp4 == _TP1_TOKENS[path]
+    tp4, tp1 = _tp_and_tp1_tokens(tiny_model("qwen3"), tensor_parallel_size=4)
+    assert tp4 == tp1
 
 
 def test_tp2_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_model, monkeypatch):
@@ -282,12 +278,7 @@ def test_tp2_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_m
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", "0")
-    path = tiny_model("qwen3")
-    prompts = random_prompts(9, seed=12)
-    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
-    tp1 = _tokens_then_free(lambda: LLM(path, dtype="float32", gpu_memory_utilization=0.3), prompts, params)
-    tp2 = _tokens_then_free(lambda: LLM(path, dtype="float32", tensor_parallel_size=2, gpu_memory_utilization=0.3),
-                            prompts, params)
+    tp2, tp1 = _tp_and_tp1_tokens(tiny_model("qwen3"), tensor_parallel_size=2)
     assert tp2 == tp1
 
 
