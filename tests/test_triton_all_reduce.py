@@ -21,6 +21,10 @@ GEMV_K = 8  # a pushing GEMV's rows are one-hot over its K: its products are exa
 CALLS = [("sum", None), ("fused", None), ("pushed", None), ("two-shot sum", None), ("sum", 2), ("fused", 1),
          ("two-shot fused", 2), ("pushed", None), ("two-shot sum", 1), ("two-shot fused", None), ("sum", None)]
 FUSED = ("fused", "pushed", "two-shot fused")
+# A slot as tight as the engine sizes it: one-shot, all rows; two-shot, two halves of an owner's share.
+# Past each buffer's last slot lies a guard row no call may touch.
+SLOT = max(ROWS, 2 * -(-ROWS // WORLD)) * HIDDEN
+GUARD = 7.0
 EMPTY = {torch.float32: (torch.int32, -(2**31)), torch.bfloat16: (torch.int16, -(2**15))}
 
 
@@ -35,10 +39,10 @@ def _rank(rank, exchanges, rounds, inputs, residuals, weight, outputs):
     import interpreter
 
     assert interpreter.enable()
-    from albireo.kernels.triton_all_reduce import ROUNDS, ExchangeSlots, push_all_reduce
+    from albireo.kernels.triton_all_reduce import ExchangeSlots, push_all_reduce
     from albireo.kernels.triton_gemv import gemv
 
-    slot_numel = exchanges[0].numel() // (ROUNDS * WORLD)
+    slot_numel = SLOT
     peers = torch.tensor([e.data_ptr() for e in exchanges], dtype=torch.int64)
     for call, (kind, programs) in enumerate(CALLS):
         x = inputs[rank][call].clone()
@@ -65,10 +69,16 @@ def run(request):
     inputs = [[torch.randn(ROWS, HIDDEN, generator=g).to(dtype) for _ in CALLS] for _ in range(WORLD)]
     inputs[0][0][0, :4] = -0.0  # a value that looks like an empty slot must still count
     residual = [torch.randn(ROWS, HIDDEN, generator=g).to(dtype) for _ in CALLS]
+    # Two-shot parts of -0.0 from every rank (and a residual of -0.0): each must cross as +0.0, or
+    # the row's owner would wait for it forever, and the total that comes back must not be -0.0.
+    for call in (CALLS.index(("two-shot sum", None)), CALLS.index(("two-shot fused", 2))):
+        for rank in range(WORLD):
+            inputs[rank][call][1, :4] = -0.0
+        residual[call][1, :4] = -0.0
     residuals = [[r.clone().share_memory_() for r in residual] for _ in range(WORLD)]
     weight = torch.randn(HIDDEN, generator=g).to(dtype)
-    exchanges = [torch.full((ROUNDS * WORLD * 2 * ROWS * HIDDEN,), -0.0, dtype=dtype).share_memory_()
-                 for _ in range(WORLD)]
+    exchanges = [torch.cat([torch.full((ROUNDS * WORLD * SLOT,), -0.0), torch.full((HIDDEN,), GUARD)]).to(dtype)
+                 .share_memory_() for _ in range(WORLD)]
     rounds = [torch.zeros(2, dtype=torch.int32).share_memory_() for _ in range(WORLD)]
     outputs = [[torch.empty(ROWS, HIDDEN, dtype=dtype).share_memory_() for _ in CALLS] for _ in range(WORLD)]
     assert interpreter.spawn_ranks(_rank, WORLD, exchanges, rounds, inputs, residuals, weight, outputs) == [0] * WORLD
@@ -115,8 +125,19 @@ def test_two_shot_gives_every_rank_the_same_bits_its_owner_summed(run):
                 assert torch.equal(run["residuals"][rank][call], run["residuals"][0][call])
 
 
-def test_calls_leave_every_slot_empty_and_the_round_advanced(run):
+def test_two_shot_fits_where_each_owner_share_fits_half_a_slot():
+    from albireo.kernels.triton_all_reduce import fits
+
+    x = torch.zeros(9, 64)  # over four ranks, rank 0 owns three rows (0, 4, 8): 3 x 64 in each half
+    assert fits(x, slot_numel=2 * 3 * 64, world=4, two_shot=True)
+    assert not fits(x, slot_numel=2 * 3 * 64 - 1, world=4, two_shot=True)
+    assert not fits(x, slot_numel=2 * 3 * 64, world=4)  # one-shot needs all nine rows
+
+
+def test_calls_leave_every_slot_empty_write_nothing_past_them_and_advance_the_round(run):
     int_type, empty = EMPTY[run["dtype"]]
     for exchange, rounds in zip(run["exchanges"], run["rounds"]):
-        assert torch.equal(exchange.view(int_type), torch.full_like(exchange.view(int_type), empty))
+        slots = exchange[:-HIDDEN].view(int_type)
+        assert torch.equal(slots, torch.full_like(slots, empty))
+        assert torch.equal(exchange[-HIDDEN:], torch.full((HIDDEN,), GUARD, dtype=run["dtype"]))
         assert rounds.tolist() == [len(CALLS) % run["rounds_total"], 0]

@@ -35,7 +35,7 @@ def one_shot_max_bytes(world: int) -> int:
     world - 1 copies of the whole tensor: on four H200s it still beats our two-shot at 256 KiB (7.3 against
     8.0 us with the norm) and loses from 512 KiB (10.5 against 9.0; 48.7 against 23.5 at 4 MiB,
     benchmarks/results/allreduce-hidden4096-bf16-tp4-20261127T191255.json). ALBIREO_ONE_SHOT_MAX_BYTES
-    sets another bound (tests send every all-reduce two-shot with 0)."""
+    sets another bound (tests send every all-reduce of more than two ranks two-shot with 0)."""
     if "ALBIREO_ONE_SHOT_MAX_BYTES" in os.environ:
         return int(os.environ["ALBIREO_ONE_SHOT_MAX_BYTES"])
     return MAX_BYTES if world == 2 else 256 * 1024
@@ -63,7 +63,7 @@ class SymmMemAllReduce:
         self.world = world
         self.two_shot_push = TWO_SHOT_PUSH and world > 2
         # Two-shot, a slot holds in each half an owner's share of the rows: 1 / world of them.
-        slot_numel = max(self.one_shot_max_numel, 2 * -(-self.max_numel // world) if self.two_shot_push else 0)
+        slot_numel = max(self.one_shot_max_numel, 2 * -(-self.max_numel // world) if self.two_shot_push else 1)
 
         self.staging = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         symm_mem.rendezvous(self.staging, group)

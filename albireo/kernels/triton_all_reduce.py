@@ -18,9 +18,12 @@ of the same slots; a rank sends 2 (world - 1) / world of the tensor, and still n
 
 The round lives in device memory (a counter the call's last program advances), not in Python, so a
 CUDA graph replays the right round whatever number of calls it captured. Reusing a round's buffer
-is safe: a peer writes it again only three calls later, after it has read this rank's values of the
-two calls in between, which this rank wrote only after it finished reading (and emptying) this one
-(a pushing GEMV writes after its PDL wait, so after the all-reduce before it has ended).
+is safe: every call involves every rank (one-shot, each waits for every peer's part; two-shot, row
+0's owner waits for every peer's part and every other rank for its total), so a rank that has
+finished a call knows that every peer has started it, and so finished the call before. A rank
+writes a round's buffers again three calls later, after finishing the two calls in between: every
+peer has by then finished the call that last used them, emptying what it read (a pushing GEMV
+writes after its PDL wait, so after the all-reduce before it has ended).
 
 With a residual and a norm weight, the sum goes straight on into the residual add and the RMSNorm
 that follow a row-parallel layer (as `albireo.kernels.triton_fused.rms_norm`, same roundings).
@@ -173,8 +176,9 @@ def _push_all_reduce_kernel(
         # (first half of a slot, at the row's place among its owner's rows), and it sends the total
         # back to each of them (second half). Every rank gets the same bits, and each sends
         # 2 (WORLD - 1) / WORLD of x instead of the one-shot's WORLD - 1 copies. A program waits only
-        # on the peers' programs of its own index (same grid, same rows), which send every part
-        # before they wait, and every owner sends its totals before it waits for the others'.
+        # on the peers' programs of its own index (same grid, same rows; started before any program
+        # of a higher index, see below), which send every part before they wait, and every owner
+        # sends its totals before it waits for the others'.
         half = slot_numel // 2
         for row in range(first, rows, step):
             owner = row % WORLD
@@ -192,7 +196,7 @@ def _push_all_reduce_kernel(
                     r = tl.load(res_ptr + at + cols, mask=mask, other=0.0)
                 s = _sum_row(mine, r, own + round_base + place, slot_numel, mask, empty, RANK, WORLD, WIDE, HAS_NORM,
                              BLOCK)
-                s = as_summand(s, WIDE)  # what the peers get, so what this rank keeps too
+                # Never -0.0, which would read as empty: the float32 sum starts at +0.0, and x + (-x) is +0.0.
                 for peer in tl.static_range(WORLD):
                     if peer != RANK:
                         buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
@@ -204,9 +208,10 @@ def _push_all_reduce_kernel(
                 s = _take(own + round_base + owner * slot_numel + half + (row // WORLD) * N, mask, empty, WIDE)
                 _write_row(s, row * N, cols, mask, out_ptr, res_ptr, w, N, eps, HAS_NORM)
     else:
-        # Every row this program owns goes out before it waits for any: a program never waits on a
-        # peer's program that cannot run, as long as all programs fit on the GPU at once (the grid is
-        # at most two per SM, each of at most eight warps). PUSHED: the kernel that wrote x sent it.
+        # Every row this program owns goes out before it waits for any, and it waits only on the
+        # peers' programs of its own index: as a GPU starts a grid's programs in index order, those
+        # have started or finished, however few programs fit on an SM at once (at 4096 columns one:
+        # ~240 registers a thread). PUSHED: the kernel that wrote x sent it.
         if not PUSHED:
             for row in range(first, rows, step):
                 at = row * N  # < slot_numel: fits int32
@@ -265,9 +270,10 @@ def push_all_reduce(
     of x's dtype, all -0.0 before the first call) and `rounds` this rank's round counter (int32 [2],
     zeros before the first call); every rank must make the same sequence of calls. The residual must
     have x's dtype (it is written in place). The grid is one program per row, at most `max_programs`,
-    by default as many as surely fit on the GPU at once (every program must be resident while it
-    waits): two per SM for programs of up to eight warps (rows of up to 4096), one otherwise. Two per
-    SM took 512 rows of 4096 in 17.4 us against 19.4 with one (two H200s, 64 calls in a graph).
+    by default two per SM for programs of up to eight warps (rows of up to 4096), one otherwise. They
+    need not all be resident at once: a program waits only on the peers' programs of its own index,
+    and a GPU starts a grid's programs in index order. Two per SM took 512 rows of 4096 in 17.4 us
+    against 19.4 with one (two H200s, 64 calls in a graph).
 
     pushed: the kernel that wrote x already sent it into the peers' buffers for this round (the
     GEMV's `push`), so this kernel only waits for theirs and sums. That kernel must be the
