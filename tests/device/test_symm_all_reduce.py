@@ -9,7 +9,7 @@ from albireo.bench.ranks import hand_back, run_ranks
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
-# Shapes of one-shot sizes (the push kernel at every TP size up to 512 KiB, and at TP=2 up to
+# Shapes of one-shot sizes (the push kernel at every TP size up to 256 KiB, and at TP=2 up to
 # 8 MiB), two-shot sizes at TP > 2 (129 rows: the owners' shares differ), and one past 8 MiB (NCCL).
 SHAPES = [(8,), (1, 4096), (3, 4096), (32, 4096), (64, 4096), (129, 4096), (512, 4096), (2048 + 1, 4096)]
 
