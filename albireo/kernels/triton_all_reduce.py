@@ -85,6 +85,13 @@ def advance_round(round_ptr, turn, step, ROUNDS: tl.constexpr):
 
 
 @triton.jit
+def _buffer(peers_ptr, rank, dtype: tl.constexpr):
+    """Rank `rank`'s exchange buffer, from the table of addresses. The alignment hint lets stores to
+    a peer go out as 16-byte vectors, not element by element."""
+    return tl.multiple_of(tl.load(peers_ptr + rank).to(tl.pointer_type(dtype)), 16)
+
+
+@triton.jit
 def _take(slot, mask, empty, WIDE: tl.constexpr):
     """A peer's row from this rank's own buffer once every element has landed, emptied behind it."""
     v = tl.load(slot, mask=mask, other=0.0, volatile=True)
@@ -169,7 +176,7 @@ def _push_all_reduce_kernel(
     if not PUSHED:
         turn = tl.load(round_ptr)
     round_base = turn.to(tl.int64) * WORLD * slot_numel + cols
-    own = tl.multiple_of(tl.load(peers_ptr + RANK).to(tl.pointer_type(dtype)), 16)
+    own = _buffer(peers_ptr, RANK, dtype)
 
     if TWO_SHOT:
         # Row r belongs to rank r % WORLD, which alone sums it: the others send it their parts
@@ -184,8 +191,7 @@ def _push_all_reduce_kernel(
             owner = row % WORLD
             if owner != RANK:
                 x = as_summand(tl.load(x_ptr + row * N + cols, mask=mask, other=0.0), WIDE)
-                buffer = tl.multiple_of(tl.load(peers_ptr + owner).to(tl.pointer_type(dtype)), 16)
-                tl.store(buffer + round_base + RANK * slot_numel + (row // WORLD) * N, x, mask=mask)
+                tl.store(_buffer(peers_ptr, owner, dtype) + round_base + RANK * slot_numel + (row // WORLD) * N, x, mask=mask)
         for row in range(first, rows, step):
             if row % WORLD == RANK:
                 at = row * N
@@ -199,8 +205,8 @@ def _push_all_reduce_kernel(
                 # Never -0.0, which would read as empty: the float32 sum starts at +0.0, and x + (-x) is +0.0.
                 for peer in tl.static_range(WORLD):
                     if peer != RANK:
-                        buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
-                        tl.store(buffer + round_base + RANK * slot_numel + half + place, s, mask=mask)
+                        tl.store(_buffer(peers_ptr, peer, dtype) + round_base + RANK * slot_numel + half + place, s,
+                                 mask=mask)
                 _write_row(s, at, cols, mask, out_ptr, res_ptr, w, N, eps, HAS_NORM)
         for row in range(first, rows, step):
             owner = row % WORLD
@@ -219,9 +225,7 @@ def _push_all_reduce_kernel(
                 x = as_summand(x, WIDE)
                 for peer in tl.static_range(WORLD):
                     if peer != RANK:
-                        # The hint lets the stores to the peer go out as 16-byte vectors, not element by element.
-                        buffer = tl.multiple_of(tl.load(peers_ptr + peer).to(tl.pointer_type(dtype)), 16)
-                        tl.store(buffer + round_base + RANK * slot_numel + at, x, mask=mask)
+                        tl.store(_buffer(peers_ptr, peer, dtype) + round_base + RANK * slot_numel + at, x, mask=mask)
 
         for row in range(first, rows, step):
             at = row * N  # < slot_numel: fits int32
