@@ -42,15 +42,15 @@ def _rank(rank: int, world: int, port: int, queue, hidden: int) -> None:
     def push_then_norm(x):
         norm(every_size.push(x), residual[: x.shape[0]])
 
-    def push_norm(x):
-        every_size.push(x, residual[: x.shape[0]], norm.weight, norm.eps)
+    def fused(symm: SymmMemAllReduce):
+        return lambda x: symm.push(x, residual[: x.shape[0]], norm.weight, norm.eps)
 
     # "routed": the engine's unfused all-reduce (one-shot or two-shot by size, as tp_all_reduce picks).
     paths = {"nccl": dist.all_reduce, "push": every_size.push, "two_shot": symm.two_shot, "routed": symm,
-             "push_then_norm": push_then_norm, "push_norm": push_norm}
+             "push_then_norm": push_then_norm, "push_norm": fused(every_size)}
     if two_shot_push is not None:
         paths["push2"] = two_shot_push.push
-        paths["push2_norm"] = lambda x: two_shot_push.push(x, residual[: x.shape[0]], norm.weight, norm.eps)
+        paths["push2_norm"] = fused(two_shot_push)
     results = {}
     for batch in BATCHES:
         torch.manual_seed(batch * 10 + rank)

@@ -23,8 +23,9 @@ set -uo pipefail
 out=$1; stage=$2
 degrees=${TP_DEGREES:-"1 2 4"}
 run() { timeout "$1" "${@:2}" 2>&1 | grep -v "it/s\]\|req/s\]\|graph/s\]\|s/it\]" | tail -n 6; }
-w2() {  # w2 MODEL TP EXTRA_FLAGS...
-  run 300 python3 -m albireo.entrypoints.cli bench throughput --workload W2 --model "benchmarks/models/$1" \
+w2() {  # w2 MODEL TP EXTRA_FLAGS... (MODEL: a shape in benchmarks/models/, or a model directory)
+  model=$1; [ -d "$model" ] || model="benchmarks/models/$1"
+  run 300 python3 -m albireo.entrypoints.cli bench throughput --workload W2 --model "$model" \
     --tensor-parallel-size "$2" --num-prompts "${NUM_PROMPTS:-1000}" --input-len 512 --output-len 256 \
     --max-num-seqs "${MAX_NUM_SEQS:-512}" --max-num-batched-tokens 16384 --load-format dummy --max-model-len 2048 \
     --profile-steps --out-dir "$out" "${@:3}"
@@ -73,8 +74,8 @@ case $stage in
     w2 llama-3.1-8b 1
     for t in $degrees; do
       [ "$t" = 1 ] && continue
-      python3 bench/rank_share.py benchmarks/models/llama-3.1-8b "$t" "benchmarks/models/llama-3.1-8b-tp$t-share"
-      w2 "llama-3.1-8b-tp$t-share" 1
+      python3 bench/rank_share.py benchmarks/models/llama-3.1-8b "$t" "$out/llama-3.1-8b-tp$t-share"
+      w2 "$out/llama-3.1-8b-tp$t-share" 1
     done ;;
   extra)
     bash bench/run_workloads.sh "$out" W5-amdahl
