@@ -1,18 +1,23 @@
-"""What a row-parallel layer and its all-reduce cost at TP=2, on NCCL, the one-shot push kernel or
-the copy engines (albireo/distributed/copy_engine_all_reduce.py), for prefill and decode sizes.
+"""What a row-parallel layer and its all-reduce cost under TP (2 by default), on NCCL, the push
+kernel or the copy engines (albireo/distributed/copy_engine_all_reduce.py), for prefill and decode
+sizes.
 
 Prefill (eager, as the engine runs it): a 16k-token step of an 8B model all-reduces 64 tensors of
 16384 x 4096 bf16 (128 MiB); through NCCL they took 37 of the step's ~222 ms on two H200s. For each
 row count this times the matmul alone (down_proj's shape), NCCL's all-reduce alone, the two in
 turn, the matmul in row chunks with NCCL all-reducing each chunk while the next multiplies, and
-`CopyEngineAllReduce.linear` with its sum (each rank adds its own half of the rows, then the
-halves are exchanged), checked against NCCL's sum. Run it under NCCL_* settings to compare them:
-NCCL ran at 274-283 GB/s whatever its protocol or channels (nccl-prefill-allreduce-h200x2-ad9cfcd.txt).
+`CopyEngineAllReduce.linear` with its sum (each rank adds its own run of the rows, then the runs
+are exchanged), checked against NCCL's sum; then the engine's layer as a prefill step runs it (the
+row-parallel layer, its residual add and norm, and the next column-parallel layer, gate_up's shape)
+with NCCL and the fused norm, and with the copy engines, each rank normalizing its own rows. Run it
+under NCCL_* settings to compare them: NCCL ran at 274-283 GB/s whatever its protocol or channels
+(nccl-prefill-allreduce-h200x2-ad9cfcd.txt).
 
 Decode (in CUDA graphs, as the engine replays them): the engine's RowParallelLinear with its
 residual add and RMSNorm, o_proj's and down_proj's shapes, through the one-shot push kernel fused
-with the norm, or through the copy engines, each rank normalizing its own half of the rows.
-    python bench/row_parallel_allreduce.py [--rows 2048 4096 8192 16384] [--decode-rows 128 256 512 1024]
+with the norm, or through the copy engines, each rank normalizing its own run of the rows.
+    python bench/row_parallel_allreduce.py [--tp 4] [--rows 2048 4096 8192 16384] [--decode-rows 128 256 512 1024]
+Shapes are llama-3.1-8b's divided by the TP size.
 """
 
 from __future__ import annotations
@@ -39,12 +44,12 @@ def _ms(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters
 
 
-def _rank(rank: int, port: int, rows_list: list[int], hidden: int, inner: int, decode_rows: list[int]) -> None:
+def _rank(rank: int, world: int, port: int, rows_list: list[int], hidden: int, inner: int, decode_rows: list[int]) -> None:
     from albireo.distributed import copy_engine_all_reduce as cear
 
     torch.cuda.set_device(rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     max_rows = max(rows_list)
     ce = cear.CopyEngineAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16,
                                   max_rows * hidden * 2, above_bytes=0)
@@ -80,16 +85,47 @@ def _rank(rank: int, port: int, rows_list: list[int], hidden: int, inner: int, d
         expected = y.clone()
         times["ce split sum"] = _ms(lambda: ce.linear(x, w).total())
         worst = (ce.linear(x, w).total() - expected).abs().max().item()
+        times.update(_layer_times(ce, rows, hidden, inner))
         if rank == 0:
             gbps = rows * hidden * 2 / times["nccl"] / 1e6
             line = ", ".join(f"{k} {v:.3f}" for k, v in times.items())
             print(f"[{settings}] rows {rows} ({rows * hidden * 2 / 2**20:.0f} MiB, NCCL {gbps:.0f} GB/s) ms: {line}; "
                   f"copy-engine sum vs NCCL max |diff| {worst:g}", flush=True)
-    _decode_table(rank, decode_rows, hidden)
+    _decode_table(rank, world, decode_rows, hidden, inner)
     dist.destroy_process_group()
 
 
-def _decode_table(rank: int, rows_list: list[int], hidden: int) -> None:
+def _layer_times(ce, rows: int, hidden: int, inner: int) -> dict[str, float]:
+    """ms of down_proj, its residual add and norm and the next gate_up as the engine runs them in a
+    prefill step: with NCCL and the fused norm, and with the copy engines."""
+    from albireo.distributed import parallel_state as ps
+    from albireo.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from albireo.layers.norm import RMSNorm
+
+    world = dist.get_world_size()
+    device = torch.device("cuda", dist.get_rank())
+    ps.set_tensor_parallel_group(dist.group.WORLD)
+    down = RowParallelLinear(world * inner, hidden).to(device, torch.bfloat16)
+    down.weight.data.normal_(0, 0.02)
+    gate_up = ColumnParallelLinear(hidden, [world * inner, world * inner]).to(device, torch.bfloat16)
+    gate_up.weight.data.normal_(0, 0.02)
+    norm = RMSNorm(hidden, 1e-5).to(device, torch.bfloat16)
+    x = torch.randn(rows, inner, device=device, dtype=torch.bfloat16)
+    residual = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
+
+    def layer() -> None:  # twice: an even number of calls, as a forward makes (the copy-engine slots)
+        for _ in range(2):
+            gate_up(down(x, residual=residual, norm=norm)[0])
+
+    times = {}
+    for name, path in (("layer nccl", None), ("layer ce", ce)):
+        ps._copy_engine_all_reduce = path
+        times[name] = _ms(layer) / 2
+    ps._copy_engine_all_reduce = None
+    return times
+
+
+def _decode_table(rank: int, world: int, rows_list: list[int], hidden: int, down_inner: int) -> None:
     from albireo.bench.record import graph_us
     from albireo.distributed import parallel_state as ps
     from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce
@@ -102,8 +138,8 @@ def _decode_table(rank: int, rows_list: list[int], hidden: int) -> None:
     norm = RMSNorm(hidden, 1e-5).to(device, torch.bfloat16)
     for rows in rows_list:
         times = {}
-        for name, inner in (("o_proj", 2048), ("down_proj", 7168)):
-            layer = RowParallelLinear(2 * inner, hidden).to(device, torch.bfloat16)
+        for name, inner in (("o_proj", hidden // world), ("down_proj", down_inner)):
+            layer = RowParallelLinear(world * inner, hidden).to(device, torch.bfloat16)
             layer.weight.data.normal_(0, 0.02)
             x = torch.randn(rows, inner, device=device, dtype=torch.bfloat16)
             residual = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
@@ -125,14 +161,16 @@ def _decode_table(rank: int, rows_list: list[int], hidden: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp", type=int, default=2)
     p.add_argument("--rows", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--inner", type=int, default=7168, help="down_proj's input features per rank at TP=2")
+    p.add_argument("--inner", type=int, help="down_proj's input features per rank (14336 / tp by default)")
     p.add_argument("--decode-rows", type=int, nargs="*", default=[128, 256, 512, 1024])
     args = p.parse_args()
     from albireo.executor.executor import free_port
 
-    mp.spawn(_rank, args=(free_port(), args.rows, args.hidden, args.inner, args.decode_rows), nprocs=2)
+    inner = args.inner or 14336 // args.tp
+    mp.spawn(_rank, args=(args.tp, free_port(), args.rows, args.hidden, inner, args.decode_rows), nprocs=args.tp)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""How the copy-engine all-reduce splits rows between two ranks, what each rank makes of its rows,
-and its size threshold. The copies and flags need two GPUs (tests/device/test_symm_all_reduce.py
-and test_e2e_gpu.py); here two threads stand in for the ranks and queues for the copies."""
+"""How the copy-engine all-reduce splits rows between the ranks, what each rank makes of its rows,
+and its size threshold. The copies and flags need GPUs (tests/device/test_symm_all_reduce.py and
+test_e2e_gpu.py); here threads stand in for the ranks, shared tensors for the receive regions and
+queues for the flags."""
 
 import collections
+import itertools
 import queue
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,24 +12,44 @@ import pytest
 import torch
 
 from albireo.distributed.copy_engine_all_reduce import (
+    CopyEngineAllReduce,
     SplitSum,
     above_bytes_from_env,
-    split_rows,
+    fits_region,
+    peers_from,
+    region_numel,
+    row_runs,
 )
 from albireo.layers.linear import SplitRows
 from albireo.layers.norm import RMSNorm
 
 
-@pytest.mark.parametrize("rows", [16384, 1001, 2])
-def test_the_two_ranks_own_every_row_once(rows):
-    (own0, peer0), (own1, peer1) = split_rows(rows, 0), split_rows(rows, 1)
-    assert own0 == peer1 and own1 == peer0
-    assert own0[0] == 0 and own0[1] == own1[0] and own1[1] == rows
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("rows", [16384, 1001, 4])
+def test_the_ranks_own_every_row_once_in_order(rows, world):
+    runs = row_runs(rows, world)
+    assert runs[0][0] == 0 and runs[-1][1] == rows
+    assert all(hi == next_lo for (_, hi), (next_lo, _) in itertools.pairwise(runs))
+    assert max(hi - lo for lo, hi in runs) - min(hi - lo for lo, hi in runs) <= 1
 
 
 def test_rank_0_owns_the_smaller_half_of_odd_rows():
-    assert split_rows(7, 0) == ((0, 3), (3, 7))
-    assert split_rows(7, 1) == ((3, 7), (0, 3))
+    assert row_runs(7, 2) == [(0, 3), (3, 7)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_at_each_turn_every_rank_sends_to_a_different_peer(world):
+    turns = list(zip(*(peers_from(rank, world) for rank in range(world))))
+    assert all(sorted(turn) == list(range(world)) for turn in turns)
+    assert all(rank not in peers_from(rank, world) for rank in range(world))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_a_region_holds_every_product_up_to_the_largest(world):
+    numel = region_numel(16384 * 4096, world)
+    assert all(fits_region(rows, 4096, world, numel) for rows in range(16384 - 2 * world, 16385))
+    assert fits_region(1001, 128 * 1024, world, region_numel(1001 * 128 * 1024, world))
+    assert numel < 16384 * 4096 * (world - 1) / world + world * 2**17
 
 
 def test_threshold_comes_from_the_environment(monkeypatch):
@@ -44,52 +66,54 @@ def test_a_threshold_that_is_not_a_number_names_the_variable(monkeypatch):
 
 
 class _QueueEngine:
-    """The part of CopyEngineAllReduce that SplitSum uses, with a queue per peer region for the copy."""
+    """CopyEngineAllReduce's row-parallel product and exchange, with every rank's receive regions
+    in shared tensors and a queue per region for the flags."""
 
     dtype = torch.float32
+    linear = CopyEngineAllReduce.linear
 
-    def __init__(self, rank: int, inboxes: list) -> None:
-        self.rank, self.inboxes = rank, inboxes
+    def __init__(self, rank: int, world: int, regions: list, flags: list) -> None:
+        self.rank, self.world, self.peers = rank, world, peers_from(rank, world)
+        self.regions, self.flags, self.calls = regions, flags, 0
 
-    def send(self, rows: torch.Tensor, slot: int, part: int) -> None:
-        self.inboxes[1 - self.rank][slot, part].put(rows.clone())
+    def send(self, rows: torch.Tensor, peer: int, slot: int, part: int, offset: int) -> None:
+        self.regions[peer][slot, part, offset : offset + rows.numel()] = rows.flatten()
+        self.flags[peer][slot, part].put(self.rank)
 
-    def receive_rows(self, slot: int, part: int, shape: tuple[int, int]) -> torch.Tensor:
-        rows = self.inboxes[self.rank][slot, part].get(timeout=10)
-        assert rows.shape == shape
-        return rows
-
-
-def _split_sums(rows: int, features: int = 8) -> tuple[list[SplitSum], torch.Tensor]:
-    """Both ranks' SplitSums of a row-parallel product (each already sent the peer's rows, as
-    `CopyEngineAllReduce.linear` does), and the sum they stand for."""
-    gen = torch.Generator().manual_seed(rows)
-    parts = [torch.randn(rows, features, generator=gen) for _ in range(2)]
-    inboxes = [collections.defaultdict(queue.Queue) for _ in range(2)]
-    sums = []
-    for rank, mine in enumerate(parts):
-        engine = _QueueEngine(rank, inboxes)
-        own, peer = split_rows(rows, rank)
-        engine.send(mine[peer[0] : peer[1]], 0, part=0)
-        sums.append(SplitSum(engine, 0, mine.clone(), own, peer))
-    return sums, parts[0] + parts[1]
+    def receive_region(self, slot: int, part: int) -> torch.Tensor:
+        senders = sorted(self.flags[self.rank][slot, part].get(timeout=10) for _ in self.peers)
+        assert senders == sorted(self.peers)
+        return self.regions[self.rank][slot, part]
 
 
-def _on_both_ranks(fn, items: list) -> list:
-    with ThreadPoolExecutor(2) as pool:
+def _split_sums(rows: int, world: int, features: int = 8) -> tuple[list[SplitSum], torch.Tensor]:
+    """Every rank's SplitSum of a row-parallel layer (its product made, the peers' rows of it sent),
+    and the sum they stand for."""
+    gen = torch.Generator().manual_seed(rows * world)
+    xs = [torch.randn(rows, 6, generator=gen) for _ in range(world)]
+    weights = [torch.randn(features, 6, generator=gen) for _ in range(world)]
+    regions = [torch.full((2, 2, rows * features), float("nan")) for _ in range(world)]
+    flags = [collections.defaultdict(queue.Queue) for _ in range(world)]
+    engines = [_QueueEngine(rank, world, regions, flags) for rank in range(world)]
+    sums = [engine.linear(x, w) for engine, x, w in zip(engines, xs, weights)]
+    return sums, sum(x @ w.t() for x, w in zip(xs, weights))
+
+
+def _on_every_rank(fn, items: list) -> list:
+    with ThreadPoolExecutor(len(items)) as pool:
         return list(pool.map(fn, items))
 
 
 def _torch_rms_norm(x, weight, eps, residual, addend):
-    """triton_fused.rms_norm's contract (x + addend + residual, written into residual) in torch."""
-    residual.copy_(x + addend + residual)
+    """triton_fused.rms_norm's contract (x + the addends + residual, written into residual) in torch."""
+    residual.copy_(x + addend.sum(0) + residual)
     return weight * residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + eps), residual
 
 
-@pytest.mark.parametrize("rows", [7, 2])
-def test_both_ranks_get_every_row_of_the_sum(rows):
-    sums, expected = _split_sums(rows)
-    for total in _on_both_ranks(SplitSum.total, sums):
+@pytest.mark.parametrize("world,rows", [(2, 7), (2, 2), (3, 10), (4, 4), (4, 1001)])
+def test_every_rank_gets_every_row_of_the_sum(world, rows):
+    sums, expected = _split_sums(rows, world)
+    for total in _on_every_rank(SplitSum.total, sums):
         torch.testing.assert_close(total, expected)
 
 
@@ -103,25 +127,29 @@ def torch_norm(monkeypatch):
     return norm
 
 
-def test_each_rank_normalizes_its_own_rows_and_gets_the_peer_s(torch_norm):
-    sums, total = _split_sums(7)
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_normalizes_its_own_rows_and_gets_the_peers(torch_norm, world):
+    sums, total = _split_sums(7, world)
     residual = torch.randn(7, 8, generator=torch.Generator().manual_seed(1))
     split = [SplitRows(s, torch_norm, residual.clone()) for s in sums]
-    outs = _on_both_ranks(SplitRows.whole, split)
+    outs = _on_every_rank(SplitRows.whole, split)
     expected, summed = torch_norm(total, residual.clone())
     for out, rows in zip(outs, split):
         torch.testing.assert_close(out, expected)
         lo, hi = rows.sum.own
         torch.testing.assert_close(rows.residual[lo:hi], summed[lo:hi])  # only its own rows are summed
-        assert torch.equal(rows.residual[rows.sum.peer[0] : rows.sum.peer[1]], residual[rows.sum.peer[0] : rows.sum.peer[1]])
+        others = torch.ones(7, dtype=torch.bool)
+        others[lo:hi] = False
+        assert torch.equal(rows.residual[others], residual[others])
 
 
-def test_the_next_layer_multiplies_every_normalized_row(torch_norm):
-    sums, total = _split_sums(7)
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_next_layer_multiplies_every_normalized_row(torch_norm, world):
+    sums, total = _split_sums(7, world)
     residual = torch.randn(7, 8, generator=torch.Generator().manual_seed(2))
     weight = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
     split = [SplitRows(s, torch_norm, residual.clone()) for s in sums]
-    outs = _on_both_ranks(lambda rows: rows.multiply(weight, None), split)
+    outs = _on_every_rank(lambda rows: rows.multiply(weight, None), split)
     expected = torch_norm(total, residual.clone())[0] @ weight.t()
     for out in outs:
         torch.testing.assert_close(out, expected)

@@ -31,9 +31,36 @@ print("compiled")
 """
 
 
-def test_push_all_reduce_compiles_for_hopper_one_shot_pushed_and_two_shot():
+# The norm after a copy-engine all-reduce adds one peer's part at two ranks and three at four.
+COMPILE_NORM_WITH_ADDENDS = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from albireo.kernels.triton_fused import _rms_norm_kernel
+
+signature = {"x_ptr": "*bf16", "add_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+             "res_out_ptr": "*bf16", "B": "i32", "x_sa": "i32", "x_sb": "i32", "res_sa": "i32", "res_sb": "i32",
+             "res_out_sa": "i32", "res_out_sb": "i32", "N": "i32", "eps": "fp32"}
+for addends in (0, 1, 3):
+    constants = {"ADDENDS": addends, "HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": True}
+    source = ASTSource(_rms_norm_kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"], addends
+print("compiled")
+"""
+
+
+def _compiles(script: str) -> None:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_PUSH_ALL_REDUCE], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def test_push_all_reduce_compiles_for_hopper_one_shot_pushed_and_two_shot():
+    _compiles(COMPILE_PUSH_ALL_REDUCE)
+
+
+def test_norm_with_the_peers_parts_of_an_all_reduce_compiles_for_hopper():
+    _compiles(COMPILE_NORM_WITH_ADDENDS)

@@ -83,6 +83,23 @@ def test_rms_norm_with_an_addend_normalizes_the_sum_of_both_parts(tf):
     _close(out, want_out)
 
 
+def test_rms_norm_with_a_stack_of_addends_adds_them_in_turn(tf):
+    """Past two ranks the copy-engine all-reduce leaves each peer's partial sum of this rank's rows
+    one after another; the norm adds them to this rank's part in turn. (In float32: the interpreter
+    rounds float32 to bfloat16 otherwise than GPUs do, so the single rounding of the total is
+    checked on GPUs, tests/device/test_symm_all_reduce.py.)"""
+    g = _gen(10)
+    layer = _norm_layer(576, 1e-6, g)
+    mine, theirs, residual = _randn(5, 576, g=g), _randn(3, 5, 576, g=g), _randn(5, 576, g=g) * 4
+    total = mine.clone()
+    for part in theirs:
+        total += part
+    want_out, want_res = layer(total, residual.clone())
+    out, new_res = tf.rms_norm(mine, layer.weight, layer.eps, residual, addend=theirs)
+    _close(new_res, want_res, atol=0, rtol=0)
+    _close(out, want_out)
+
+
 def test_rms_norm_strided_rows(tf):
     """A row-strided 2D view (slice of a wider buffer) in and out, with residual."""
     g = _gen(5)

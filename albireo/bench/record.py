@@ -55,8 +55,8 @@ def engine_facts(llm, args) -> dict:
         # TP=1 matmuls adding into the residual stream (albireo/layers/linear.py), ALBIREO_GEMM_RESIDUAL=0 off.
         "gemm_residual": (config.device == "cuda" and config.fused_kernels and linear.GEMM_RESIDUAL
                           and config.parallel.tensor_parallel_size == 1),
-        # Large all-reduces of two GPU ranks on the copy engines, switched off by ALBIREO_CE_ALL_REDUCE=0.
-        "copy_engine_all_reduce": (config.device == "cuda" and config.parallel.tensor_parallel_size == 2
+        # Large all-reduces of GPU ranks on the copy engines, switched off by ALBIREO_CE_ALL_REDUCE=0.
+        "copy_engine_all_reduce": (config.device == "cuda" and config.parallel.tensor_parallel_size > 1
                                    and config.parallel.peer_memory and parallel_state.copy_engine_all_reduce_on),
         # Batch-1 GEMVs sending their all-reduce part themselves (TP > 1), ALBIREO_GEMV_PUSH=0 off.
         "gemv_push": (config.device == "cuda" and config.fused_kernels and linear.GEMV_PUSH

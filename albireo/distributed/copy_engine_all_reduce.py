@@ -1,34 +1,39 @@
-"""The large all-reduces of a prefill step at TP=2, moved by the copy engines while the GPUs compute,
-and split by rows so that each rank normalizes only half of them.
+"""The large all-reduces of a prefill step under TP, moved by the copy engines while the GPUs
+compute, and split by rows so that each rank normalizes only its share of them.
 
-A 16k-token prefill step of an 8B model at TP=2 sums 64 tensors of 128 MiB across the two GPUs.
-NCCL moved them at ~276 GB/s with kernels that hold SMs, so they hardly overlapped the matmuls
-around them (37 of a 222 ms step on two H200s; bench/row_parallel_allreduce.py). And the residual
-add and RMSNorm after each sum ran on every row at every rank: at TP=2 they were the one part of a
-prefill step that did not halve (10.7 against 6.3 ms a step at TP=1, two H200s).
+A 16k-token prefill step of an 8B model at TP=2 sums 64 tensors of 128 MiB across the GPUs. NCCL
+moved them at ~276 GB/s with kernels that hold SMs, so they hardly overlapped the matmuls around
+them (37 of a 222 ms step on two H200s; bench/row_parallel_allreduce.py). And the residual add and
+RMSNorm after each sum ran on every row at every rank: they were the one part of a prefill step
+that did not shrink with TP (10.7 against 6.3 ms a step at TP=1, two H200s).
 
-So the rows are split between the ranks, rank 0 owning the first half and rank 1 the second (a
+So the rows are split between the ranks, rank r owning the r-th of `world` runs of rows (a
 reduce-scatter, then an all-gather, as in Megatron's sequence parallelism). A row-parallel layer
-multiplies the peer's rows first and a DMA copy on a stream of its own sends them into the peer's
-receive buffer over NVLink while the layer's own rows multiply: the copy engines move the bytes,
-no SM does. The reader of the sum (`albireo.layers.linear.SplitRows`) adds the peer's part of its
-own rows, adds the residual and normalizes those rows only, sends them to the peer the same way,
-and multiplies them by the next layer's weight while the peer's normalized rows come in. Each rank
-sends half its partial sum and half the normalized rows: as many bytes as a whole partial sum,
-with two handshakes. The residual stream is only summed in a rank's own rows, which are the only
-ones the next norm reads. a + b rounds the same on both ranks, so both hold the same sums.
+multiplies each peer's rows in turn, and a DMA copy on a stream of that peer's sends them into the
+peer's receive buffer over NVLink while the next rows multiply, this rank's own last: the copy
+engines move the bytes, no SM does. The reader of the sum (`albireo.layers.linear.SplitRows`)
+adds the peers' parts of its own rows and the residual, normalizes those rows only, sends them to
+every peer the same way, and multiplies them by the next layer's weight while the peers' normalized
+rows come in. Each rank sends (world - 1) / world of its partial sum and its normalized rows to
+each peer: the bytes of a ring all-reduce, with two handshakes. The residual stream is only summed
+in a rank's own rows, which are the only ones the next norm reads. A row is summed by its owner
+alone, so every rank holds the same bits of it.
 
-A copy ends by raising a flag in the peer's memory (stream memory operations: the GPU's front end
-writes and polls them, again without an SM); the reader waits for the flag and lowers it before
-it reads. The receive buffer and the flags alternate between two slots by call parity. Both parts
-of a call are read before the next row-parallel layer (by the column-parallel layer between them,
-or at the model's end). A rank sends call e + 2 only after its matmul of call e + 2, which follows
-its wait on the peer's normalized rows of call e + 1, which the peer sent after it had read call
-e + 1's scattered part, which follows everything it did with call e's slot: so a slot is never
-overwritten while its reader still needs it, nor raised again before it was lowered. The values
-are constants and the slot of a call is fixed when it is recorded, so a CUDA graph replays the
-handshake as it was captured: every forward makes an even number of calls (two per layer), so
-each starts at slot 0.
+A copy ends by raising a flag of the sender's in the receiver's memory (stream memory operations:
+the GPU's front end writes and polls them, again without an SM); the reader waits for every peer's
+flag and lowers them before it reads. The receive regions and the flags alternate between two slots
+by call parity. Every part of a call is read before the next row-parallel layer (by the
+column-parallel layer between them, or at the model's end). A rank sends call e + 2 only after its
+matmul of call e + 2, which follows its wait on every peer's normalized rows of call e + 1, which
+each peer sent after it had read call e + 1's scattered parts, which follows everything it did with
+call e's slot: so a slot is never overwritten while its reader still needs it, nor a flag raised
+again before it was lowered. The values are constants and the slot of a call is fixed when it is
+recorded, so a CUDA graph replays the handshake as it was captured: every forward makes an even
+number of calls (two per layer), so each starts at slot 0.
+
+Where a rank's region holds what (`own` is its run of rows, a sender's index counts from the rank
+after the receiver): part 0, the peers' partial sums of the receiver's rows, one after another by
+sender index; part 1, the peers' normalized rows packed in row order, the receiver's own left out.
 """
 
 from __future__ import annotations
@@ -60,9 +65,9 @@ def above_bytes_from_env() -> int:
 # back on another pair, where every eager all-reduce this way made 18,856 tok/s at 4096 tokens
 # (ce-connections-h200x2-a43d6ae.txt, not an A/B against NCCL).
 ABOVE_BYTES = above_bytes_from_env()
-# A receive region holds half the largest product, and this much more: the larger half of an odd
-# number of rows (half a row, up to 128k features).
-_ODD_ROW_SLACK = 2**16
+# A receive region holds (world - 1) / world of the largest product, and a row per peer more for
+# runs of rows that are one longer than an even share (rows of up to 128k features).
+_ROW_SLACK = 2**17
 
 _WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 _WRITE_VALUE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a system-wide fence before the write
@@ -95,10 +100,26 @@ class _StreamMemOps:
             raise RuntimeError(f"{name} failed with CUresult {status}")
 
 
-def split_rows(rows: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(this rank's rows, the peer's rows) as (lo, hi) bounds: rank 0 owns the first rows // 2."""
-    first, second = (0, rows // 2), (rows // 2, rows)
-    return (first, second) if rank == 0 else (second, first)
+def row_runs(rows: int, world: int) -> list[tuple[int, int]]:
+    """Each rank's run of rows as (lo, hi): rank r owns [r * rows // world, (r + 1) * rows // world)."""
+    return [(r * rows // world, (r + 1) * rows // world) for r in range(world)]
+
+
+def region_numel(max_numel: int, world: int) -> int:
+    """Elements of one receive region for products of up to max_numel elements."""
+    return max_numel * (world - 1) // world + (world - 1) * _ROW_SLACK
+
+
+def fits_region(rows: int, features: int, world: int, numel: int) -> bool:
+    """Whether a region of numel elements holds both parts of a [rows, features] product: the
+    peers' parts of the longest run of rows, and every row but the shortest run."""
+    longest, shortest = -(-rows // world), rows // world
+    return max((world - 1) * longest, rows - shortest) * features <= numel
+
+
+def peers_from(rank: int, world: int) -> list[int]:
+    """The other ranks, starting after this one: at each turn every rank sends to a different peer."""
+    return [(rank + k) % world for k in range(1, world)]
 
 
 class CopyEngineAllReduce:
@@ -106,99 +127,128 @@ class CopyEngineAllReduce:
                  above_bytes: int = ABOVE_BYTES) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        if dist.get_world_size(group) != 2:
-            raise ValueError("the copy-engine all-reduce is for two ranks")
+        self.world = dist.get_world_size(group)
+        if self.world < 2:
+            raise ValueError("the copy-engine all-reduce is for two ranks or more")
         self.dtype = dtype
         self.above_numel = above_bytes // dtype.itemsize
-        self.region_numel = max_bytes // dtype.itemsize // 2 + _ODD_ROW_SLACK
+        self.region_numel = region_numel(max_bytes // dtype.itemsize, self.world)
         self.rank = dist.get_rank(group)
-        peer = 1 - self.rank
+        self.peers = peers_from(self.rank, self.world)
         self.ops = _StreamMemOps()
-        self.stream = torch.cuda.Stream(device)
+        # A stream per peer, so that the copies to different peers run on different copy engines.
+        self.streams = {peer: torch.cuda.Stream(device) for peer in self.peers}
 
         # Per rank two slots, each a region for the scattered partial sums and one for the gathered
-        # normalized rows, and a flag per region; all zero before the first call.
+        # normalized rows, and a flag per region and sender; all zero before the first call.
         self.receive = symm_mem.empty(4 * self.region_numel, dtype=dtype, device=device)
         receive = symm_mem.rendezvous(self.receive, group)
         self.own_regions = self.receive.view(2, 2, self.region_numel)
-        self.peer_regions = receive.get_buffer(peer, (2, 2, self.region_numel), dtype)
-        self.flags = symm_mem.empty(4, dtype=torch.int32, device=device)
+        self.peer_regions = {peer: receive.get_buffer(peer, (2, 2, self.region_numel), dtype) for peer in self.peers}
+        self.flags = symm_mem.empty(4 * self.world, dtype=torch.int32, device=device)
         self.flags.zero_()
         torch.cuda.synchronize(device)
         flags = symm_mem.rendezvous(self.flags, group)
-        self.own_flag_ptrs = [[flags.buffer_ptrs[self.rank] + 4 * (2 * slot + part) for part in range(2)]
-                              for slot in range(2)]
-        self.peer_flag_ptrs = [[flags.buffer_ptrs[peer] + 4 * (2 * slot + part) for part in range(2)]
-                               for slot in range(2)]
+        self.flag_ptrs = [flags.buffer_ptrs[r] for r in range(self.world)]
         self.calls = 0
         dist.barrier(group)  # no peer writes into buffers that are not yet zero
 
+    def _flag(self, owner: int, slot: int, part: int, sender: int) -> int:
+        return self.flag_ptrs[owner] + 4 * ((2 * slot + part) * self.world + sender)
+
     def takes(self, rows: int, features: int, dtype: torch.dtype) -> bool:
-        return (dtype == self.dtype and self.above_numel < rows * features and rows >= 2
-                and (rows - rows // 2) * features <= self.region_numel)
+        return (dtype == self.dtype and self.above_numel < rows * features and rows >= self.world
+                and fits_region(rows, features, self.world, self.region_numel))
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> SplitSum:
-        """x W^T for x [rows, in] and weight [out, in] (`takes` must hold), the peer's rows of it sent
-        to the peer; the returned SplitSum must be read (all of it) before the next call."""
-        rows = x.shape[0]
-        own, peer = split_rows(rows, self.rank)
-        out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)
+        """x W^T for x [rows, in] and weight [out, in] (`takes` must hold), each peer's rows of it sent
+        to that peer; the returned SplitSum must be read (all of it) before the next call."""
+        runs = row_runs(x.shape[0], self.world)
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         slot = self.calls % 2
         self.calls += 1
-        torch.matmul(x[peer[0] : peer[1]], weight.t(), out=out[peer[0] : peer[1]])
-        self.send(out[peer[0] : peer[1]], slot, part=0)
-        torch.matmul(x[own[0] : own[1]], weight.t(), out=out[own[0] : own[1]])
-        return SplitSum(self, slot, out, own, peer)
+        for index, peer in enumerate(self.peers):
+            lo, hi = runs[peer]
+            torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
+            # This rank is the peer's sender world - 1 - index, counting from the rank after the peer.
+            self.send(out[lo:hi], peer, slot, part=0, offset=(self.world - 2 - index) * out[lo:hi].numel())
+        lo, hi = runs[self.rank]
+        torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
+        return SplitSum(self, slot, out, runs)
 
-    def send(self, rows: torch.Tensor, slot: int, part: int) -> None:
-        """Copy rows (contiguous) into the peer's region `part` of `slot` once the current stream has
-        made them, then raise the region's flag there."""
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            self.peer_regions[slot, part, : rows.numel()].view(rows.shape).copy_(rows, non_blocking=True)
-        self.ops.write(self.stream, self.peer_flag_ptrs[slot][part], 1)
+    def send(self, rows: torch.Tensor, peer: int, slot: int, part: int, offset: int) -> None:
+        """Copy rows (contiguous) into the peer's region `part` of `slot` at `offset` once the current
+        stream has made them, then raise this rank's flag of that region there."""
+        stream = self.streams[peer]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.peer_regions[peer][slot, part, offset : offset + rows.numel()].view(rows.shape).copy_(rows, non_blocking=True)
+        self.ops.write(stream, self._flag(peer, slot, part, self.rank), 1)
 
-    def receive_rows(self, slot: int, part: int, shape: tuple[int, int]) -> torch.Tensor:
-        """The rows the peer sent into region `part` of `slot`, once the current stream waits for them."""
+    def receive_region(self, slot: int, part: int) -> torch.Tensor:
+        """This rank's region `part` of `slot` (flat), once the current stream waits for every peer's copy."""
         main = torch.cuda.current_stream()
-        self.ops.wait(main, self.own_flag_ptrs[slot][part], 1)
-        self.ops.write(main, self.own_flag_ptrs[slot][part], 0)
+        for peer in self.peers:
+            self.ops.wait(main, self._flag(self.rank, slot, part, peer), 1)
+            self.ops.write(main, self._flag(self.rank, slot, part, peer), 0)
         if part == 1:
-            main.wait_stream(self.stream)  # this rank's copies read its tensors: they must outlive them
-        return self.own_regions[slot, part, : shape[0] * shape[1]].view(shape)
+            for stream in self.streams.values():
+                main.wait_stream(stream)  # this rank's copies read its tensors: they must outlive them
+        return self.own_regions[slot, part]
 
 
 @dataclass
 class SplitSum:
-    """A row-parallel layer's all-reduce, split by rows between the two ranks: this rank's product
-    of every row (`mine`), with the peer's part of this rank's rows (`own`) to come. The reader takes
-    `scattered()`, makes its rows of whatever follows, `share`s them and takes the peer's from
+    """A row-parallel layer's all-reduce, split by rows between the ranks: this rank's product of
+    every row (`mine`), with the peers' parts of this rank's rows to come. The reader takes
+    `scattered()`, makes its rows of whatever follows, `share`s them and takes the peers' from
     `gathered`: every call must get all of that, in that order."""
 
     engine: CopyEngineAllReduce
     slot: int
     mine: torch.Tensor
-    own: tuple[int, int]
-    peer: tuple[int, int]
+    runs: list[tuple[int, int]]
+
+    @property
+    def own(self) -> tuple[int, int]:
+        return self.runs[self.engine.rank]
 
     def scattered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this rank's part of its own rows, the peer's part of them): their sum is the all-reduce there."""
+        """(this rank's part of its own rows [n, features], the peers' parts of them [world - 1, n,
+        features]): the sum of all of them is the all-reduce there."""
         lo, hi = self.own
-        return self.mine[lo:hi], self.engine.receive_rows(self.slot, 0, (hi - lo, self.mine.shape[1]))
+        features = self.mine.shape[1]
+        region = self.engine.receive_region(self.slot, 0)
+        return self.mine[lo:hi], region[: (self.engine.world - 1) * (hi - lo) * features].view(-1, hi - lo, features)
 
     def share(self, rows: torch.Tensor) -> None:
-        """Send this rank's finished rows (of `own`) to the peer."""
-        assert rows.dtype == self.engine.dtype and rows.shape[0] == self.own[1] - self.own[0]
-        self.engine.send(rows.contiguous(), self.slot, part=1)
+        """Send this rank's finished rows (of `own`) to every peer."""
+        lo, hi = self.own
+        assert rows.dtype == self.engine.dtype and rows.shape[0] == hi - lo
+        rows = rows.contiguous()
+        for peer in self.engine.peers:
+            peer_lo, peer_hi = self.runs[peer]
+            # The peer's region packs the other ranks' rows in order, its own left out.
+            start = lo if lo < peer_lo else lo - (peer_hi - peer_lo)
+            self.engine.send(rows, peer, self.slot, part=1, offset=start * rows.shape[1])
 
-    def gathered(self, features: int) -> torch.Tensor:
-        """The peer's finished rows (of `peer`), once the current stream waits for them."""
-        return self.engine.receive_rows(self.slot, 1, (self.peer[1] - self.peer[0], features))
+    def gathered(self, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The peers' finished rows before this rank's own and after them, once the current stream
+        waits for them."""
+        lo, hi = self.own
+        rows = self.runs[-1][1] - (hi - lo)
+        packed = self.engine.receive_region(self.slot, 1)[: rows * features].view(rows, features)
+        return packed[:lo], packed[lo:]
 
     def total(self) -> torch.Tensor:
         """The all-reduce of every row, in place in mine."""
         mine, theirs = self.scattered()
-        self.share(mine.add_(theirs))
-        lo, hi = self.peer
-        self.mine[lo:hi].copy_(self.gathered(self.mine.shape[1]))
+        total = mine.float()
+        for part in theirs:  # in the order the fused norm adds them, rounded once as it does
+            total += part.float()
+        self.share(mine.copy_(total))
+        lo, hi = self.own
+        before, after = self.gathered(self.mine.shape[1])
+        self.mine[:lo].copy_(before)
+        self.mine[hi:].copy_(after)
         return self.mine

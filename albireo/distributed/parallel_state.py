@@ -82,7 +82,7 @@ def tp_copy_engine_all_reduce(rows: int, features: int, dtype: torch.dtype) -> C
 
 
 def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype, max_activation_bytes: int = 0) -> bool:
-    """Route small all-reduces of `dtype` over peer memory and, at two ranks, large ones of up to
+    """Route small all-reduces of `dtype` over peer memory and large ones of up to
     `max_activation_bytes` (a prefill step's) through the copy engines (GPUs only); NCCL stays the
     fallback for the rest and for either path that cannot start."""
     global _symm_all_reduce, _copy_engine_all_reduce
@@ -93,7 +93,7 @@ def enable_symm_all_reduce(device: torch.device, dtype: torch.dtype, max_activat
     except Exception as e:  # no peer access between these GPUs, or a torch without the kernels
         logger.warning("all-reduce over peer memory unavailable (%s); using NCCL", e)
         _symm_all_reduce = None
-    if _symm_all_reduce is not None and _size == 2 and copy_engine_all_reduce_on and max_activation_bytes > 0:
+    if _symm_all_reduce is not None and copy_engine_all_reduce_on and max_activation_bytes > 0:
         try:
             _copy_engine_all_reduce = CopyEngineAllReduce(_group, device, dtype, max_activation_bytes)
         except Exception as e:  # no stream memory operations in this driver

@@ -60,7 +60,7 @@ def _rms_norm_kernel(
     res_out_sb,
     N,
     eps,
-    HAS_ADDEND: tl.constexpr,
+    ADDENDS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
@@ -75,10 +75,13 @@ def _rms_norm_kernel(
     b = row % B
 
     x = tl.load(x_ptr + a * x_sa + b * x_sb + cols, mask=mask, other=0.0)
-    if HAS_ADDEND:
-        # The other rank's part of an all-reduce: x + addend, rounded as the all-reduce rounds it.
-        y = tl.load(add_ptr + row * N + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + y.to(tl.float32)).to(x.dtype)
+    if ADDENDS > 0:
+        # The other ranks' parts of an all-reduce: x + each addend in turn, rounded once (at two
+        # ranks, as the all-reduce rounds a + b).
+        total = x.to(tl.float32)
+        for k in tl.static_range(ADDENDS):
+            total += tl.load(add_ptr + (k * tl.num_programs(0) + row) * N + cols, mask=mask, other=0.0).to(tl.float32)
+        x = total.to(x.dtype)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + a * res_sa + b * res_sb + cols, mask=mask, other=0.0)
         # torch: s = x + residual, computed in fp32 and rounded to the promoted dtype.
@@ -120,7 +123,8 @@ def rms_norm(
     addend: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim of x; same results as ``RMSNorm.forward(x, residual)``, or with
-    ``addend`` (contiguous, x's shape and dtype) as ``RMSNorm.forward(x + addend, residual)``.
+    ``addend`` (contiguous, x's shape and dtype) as ``RMSNorm.forward(x + addend, residual)``; a
+    stack of k such addends ([k, *x.shape]) is added in turn in float32 and rounded once.
 
     Without residual: returns ``weight * norm(x.float()).to(x.dtype)``.
     With residual: s = x + residual; returns ``(weight * norm(s.float()).to(s.dtype), s)``.
@@ -155,9 +159,12 @@ def rms_norm(
             new_residual = torch.empty(x.shape, dtype=s_dtype, device=x.device)
             res_out3, _, _, res_out_sa, res_out_sb = _as_rows(new_residual)
 
+    addends = 0
     if addend is not None:
-        assert addend.shape == x.shape and addend.dtype == x.dtype and addend.is_contiguous(), \
-            "addend must be contiguous, with x's shape and dtype"
+        stacked = addend.dim() == x.dim() + 1
+        assert addend.shape[int(stacked):] == x.shape and addend.dtype == x.dtype and addend.is_contiguous(), \
+            "addend must be contiguous, with x's shape and dtype or a stack of such"
+        addends = addend.shape[0] if stacked else 1
     rows = a * b
     if rows > 0:
         on = pdl.enabled(x)
@@ -177,7 +184,7 @@ def rms_norm(
             res_out_sb,
             n,
             eps,
-            HAS_ADDEND=addend is not None,
+            ADDENDS=addends,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             PDL=on,

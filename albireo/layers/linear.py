@@ -78,9 +78,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @dataclass
 class SplitRows:
     """norm(sum + residual) of a row-parallel layer whose all-reduce the copy engines split by rows
-    (at a prefill step at TP=2): each rank adds, and normalizes, only its own rows, and the peer's
+    (at a prefill step under TP): each rank adds, and normalizes, only its own rows, and the peers'
     normalized rows come over NVLink. A column-parallel layer multiplies this rank's rows while the
-    peer's are on their way; `whole` gives them all at once. Either takes the sum once. The norm
+    peers' are on their way; `whole` gives them all at once. Either takes the sum once. The norm
     writes sum + residual into `residual` in this rank's rows only: the next split norm reads no
     others."""
 
@@ -99,17 +99,20 @@ class SplitRows:
 
     def multiply(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The normalized rows x W^T + b."""
-        (lo, hi), (peer_lo, peer_hi) = self.sum.own, self.sum.peer
+        lo, hi = self.sum.own
         out = torch.empty(self.residual.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
         torch.matmul(self._own_rows(), weight.t(), out=out[lo:hi])
-        torch.matmul(self.sum.gathered(self.residual.shape[1]), weight.t(), out=out[peer_lo:peer_hi])
+        before, after = self.sum.gathered(self.residual.shape[1])
+        for rows, into in ((before, out[:lo]), (after, out[hi:])):
+            if rows.shape[0]:
+                torch.matmul(rows, weight.t(), out=into)
         return out if bias is None else out.add_(bias)
 
     def whole(self) -> torch.Tensor:
-        (lo, hi), (peer_lo, peer_hi) = self.sum.own, self.sum.peer
+        lo, hi = self.sum.own
         out = torch.empty_like(self.residual)
         out[lo:hi] = self._own_rows()
-        out[peer_lo:peer_hi] = self.sum.gathered(self.residual.shape[1])
+        out[:lo], out[hi:] = self.sum.gathered(self.residual.shape[1])
         return out
 
 

@@ -81,9 +81,9 @@ class LlamaDecoderLayer(nn.Module):
         """x is this layer's input, already normalized by its input_layernorm; returns the next
         layer's, normalized by `next_norm` (the next layer's input_layernorm, or the final norm), and
         the residual stream. Each row-parallel projection thus ends in the norm after it, so that the
-        projection's all-reduce, the residual add and the norm can run as one kernel. At a TP=2
-        prefill step x is split by rows between the ranks (`SplitRows`), and the column-parallel
-        projection multiplies this rank's while the peer's come over NVLink."""
+        projection's all-reduce, the residual add and the norm can run as one kernel. At a large
+        prefill step under TP x is split by rows between the ranks (`SplitRows`), and the
+        column-parallel projection multiplies this rank's while the peers' come over NVLink."""
         x, residual = self.self_attn(positions, x, meta, residual, self.post_attention_layernorm)
         return self.mlp(x, residual, next_norm)
 

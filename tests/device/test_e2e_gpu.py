@@ -271,15 +271,16 @@ def test_tp4_with_every_all_reduce_two_shot_equals_tp1(tiny_model, monkeypatch):
     assert tp4 == tp1
 
 
-def test_tp2_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_model, monkeypatch):
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_model, monkeypatch, tp):
     """The tiny model's activations are far below the copy-engine path's size: lower it to zero bytes
     (the workers read it when they start) so that every prefill layer takes it, and every decode
-    layer of four rows or more, in CUDA graphs."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+    layer of as many rows as ranks or more, in CUDA graphs."""
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
     monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", "0")
-    tp2, tp1 = _tp_and_tp1_tokens(tiny_model("qwen3"), tensor_parallel_size=2)
-    assert tp2 == tp1
+    tp_n, tp1 = _tp_and_tp1_tokens(tiny_model("qwen3"), tensor_parallel_size=tp)
+    assert tp_n == tp1
 
 
 @pytest.mark.parametrize("switch", ["ALBIREO_GEMV_PUSH", "ALBIREO_EARLY_LAUNCH"])

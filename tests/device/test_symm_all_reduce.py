@@ -169,12 +169,31 @@ def test_vocab_parallel_pick_over_peer_memory_equals_nccl_gather_then_pick():
     assert run_ranks(_vocab_parallel_picks, 2) == 0
 
 
-def _copy_engine_layers(rank, world, port, queue, dtype):
-    """Row-parallel layers of several sizes in a row (both receive slots, both flag parities, a
-    smaller call after a larger one, odd row counts), then through the norm that adds the peer's
-    part to each rank's own rows, and through a column-parallel layer that takes the norm's rows."""
+def _owners_sums(part: torch.Tensor, world: int) -> torch.Tensor:
+    """The all-reduce of every rank's `part` as the copy engines' path makes it: each run of rows
+    summed by its owner, its own part first and then the next ranks' in turn, in float32, rounded
+    once (at two ranks that is NCCL's a + b)."""
     import torch.distributed as dist
 
+    from albireo.distributed.copy_engine_all_reduce import row_runs
+
+    parts = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(parts, part)
+    total = torch.empty_like(part)
+    for owner, (lo, hi) in enumerate(row_runs(part.shape[0], world)):
+        acc = parts[owner][lo:hi].float()
+        for k in range(1, world):
+            acc += parts[(owner + k) % world][lo:hi].float()
+        total[lo:hi] = acc
+    return total
+
+
+def _copy_engine_layers(rank, world, port, queue, dtype):
+    """Row-parallel layers of several sizes in a row (both receive slots, both flag parities, a
+    smaller call after a larger one, row counts that do not divide evenly), then through the norm
+    that adds the peers' parts to each rank's own rows, and through a column-parallel layer that
+    takes the norm's rows."""
+    from albireo.distributed.copy_engine_all_reduce import row_runs
     from albireo.layers.linear import ColumnParallelLinear, RowParallelLinear, whole
     from albireo.layers.norm import RMSNorm
 
@@ -182,20 +201,19 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
     assert ps._copy_engine_all_reduce is None, "enabled without a largest activation size"
     ps._copy_engine_all_reduce = ps.CopyEngineAllReduce(ps.tp_group(), torch.device("cuda", rank), dtype,
                                                         4096 * 1024 * dtype.itemsize, above_bytes=0)
-    layer = RowParallelLinear(2 * 512, 1024).to("cuda", dtype)
+    layer = RowParallelLinear(world * 256, 1024).to("cuda", dtype)
     layer.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(rank))
     norm = RMSNorm(1024, 1e-5).to("cuda", dtype)
-    after = ColumnParallelLinear(1024, [256]).to("cuda", dtype)  # the same on both ranks: one seed
+    after = ColumnParallelLinear(1024, [world * 128]).to("cuda", dtype)  # the same on every rank: one seed
     after.weight.data.normal_(0, 0.05, generator=torch.Generator(device="cuda").manual_seed(7))
     worst = 0.0
     for rows in (4096, 37, 1000, 4096, 8, 513):
         torch.manual_seed(rows * 10 + rank)
-        x = torch.randn(rows, 512, device="cuda", dtype=dtype)
-        # The layer multiplies each rank's half of the rows on its own; cuBLAS may round a part
-        # differently from the whole, so the reference multiplies the same halves.
-        halves = ((0, rows // 2), (rows // 2, rows))
-        expected = torch.cat([x[lo:hi] @ layer.weight.t() for lo, hi in halves])
-        dist.all_reduce(expected)
+        x = torch.randn(rows, 256, device="cuda", dtype=dtype)
+        # The layer multiplies each rank's run of rows on its own; cuBLAS may round a part
+        # differently from the whole, so the reference multiplies the same runs.
+        runs = row_runs(rows, world)
+        expected = _owners_sums(torch.cat([x[lo:hi] @ layer.weight.t() for lo, hi in runs]), world)
         worst = max(worst, (layer(x) - expected).abs().max().item())
         torch.manual_seed(rows)  # the residual is the same on every rank, as in the model
         residual = torch.randn(rows, 1024, device="cuda", dtype=dtype)
@@ -205,15 +223,22 @@ def _copy_engine_layers(rank, world, port, queue, dtype):
         own_lo, own_hi = got_out.sum.own
         worst = max(worst, (whole(got_out) - want_out).abs().max().item(),
                     (got_residual[own_lo:own_hi] - want_residual[own_lo:own_hi]).abs().max().item())
-        want_next = torch.cat([want_out[lo:hi] @ after.weight.t() for lo, hi in halves])
+        # The next layer multiplies its own rows, then the peers' before them and after them.
+        groups = ((own_lo, own_hi), (0, own_lo), (own_hi, rows))
+        want_next = torch.empty(rows, after.weight.shape[0], device="cuda", dtype=dtype)
+        for lo, hi in groups:
+            want_next[lo:hi] = want_out[lo:hi] @ after.weight.t()
         got_next = after(layer(x, residual=original, norm=norm)[0])
         worst = max(worst, (got_next - want_next).abs().max().item())
     hand_back(queue, rank, worst)
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_copy_engine_all_reduce_equals_nccl_through_the_layer_its_norm_and_the_next_layer(dtype):
-    assert run_ranks(_copy_engine_layers, 2, dtype) == 0.0
+def test_copy_engine_all_reduce_equals_the_owners_sums_through_the_layer_its_norm_and_the_next_layer(dtype, world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    assert run_ranks(_copy_engine_layers, world, dtype) == 0.0
 
 
 def _gemv_push(rank, world, port, queue):
