@@ -97,7 +97,8 @@ def _rank(rank: int, world: int, port: int, rows_list: list[int], hidden: int, i
 
 def _layer_times(ce, rows: int, hidden: int, inner: int) -> dict[str, float]:
     """ms of down_proj, its residual add and norm and the next gate_up as the engine runs them in a
-    prefill step: with NCCL and the fused norm, and with the copy engines."""
+    prefill step (eagerly, and replayed in a CUDA graph): with NCCL and the fused norm, and with the
+    copy engines."""
     from albireo.distributed import parallel_state as ps
     from albireo.layers.linear import ColumnParallelLinear, RowParallelLinear
     from albireo.layers.norm import RMSNorm
@@ -117,10 +118,14 @@ def _layer_times(ce, rows: int, hidden: int, inner: int) -> dict[str, float]:
         for _ in range(2):
             gate_up(down(x, residual=residual, norm=norm)[0])
 
+    from albireo.bench.record import graph_us
+
     times = {}
-    for name, path in (("layer nccl", None), ("layer ce", ce)):
+    for name, path in (("nccl", None), ("ce", ce)):
         ps._copy_engine_all_reduce = path
-        times[name] = _ms(layer) / 2
+        times[f"layer {name}"] = _ms(layer) / 2
+        # In a CUDA graph, where no host launches between the kernels can hold the GPU up.
+        times[f"layer {name} graph"] = graph_us(layer, 2, replays=5) / 1e3
     ps._copy_engine_all_reduce = None
     return times
 
