@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,18 @@ def _ms(fn, iters: int = 10) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def _host_ms(fn, iters: int = 10) -> float:
+    """ms the host takes to launch fn, with the GPU idle when it starts (few enough launches that
+    the queue never fills and blocks it)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e3 / iters
 
 
 def _rank(rank: int, world: int, port: int, rows_list: list[int], hidden: int, inner: int, decode_rows: list[int]) -> None:
@@ -124,6 +137,7 @@ def _layer_times(ce, rows: int, hidden: int, inner: int) -> dict[str, float]:
     for name, path in (("nccl", None), ("ce", ce)):
         ps._copy_engine_all_reduce = path
         times[f"layer {name}"] = _ms(layer) / 2
+        times[f"layer {name} host"] = _host_ms(layer) / 2
         # In a CUDA graph, where no host launches between the kernels can hold the GPU up.
         times[f"layer {name} graph"] = graph_us(layer, 2, replays=5) / 1e3
     ps._copy_engine_all_reduce = None

@@ -73,26 +73,34 @@ _WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 _WRITE_VALUE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a system-wide fence before the write
 
 
-class _StreamMemOps:
-    """cuStreamWriteValue32 and cuStreamWaitValue32 from the driver (torch does not expose the wait)."""
+class _Driver:
+    """The CUDA driver calls of an exchange: stream memory operations (torch does not expose the
+    wait) and the copy itself. An eager prefill step makes two exchanges a layer, each with a copy
+    and a flag per peer: through torch (a stream context, wait_stream, views, copy_) each copy cost
+    the host more than the GPU spent on it at four ranks, so these are plain driver calls."""
 
     def __init__(self) -> None:
         driver = ctypes.CDLL("libcuda.so.1")
-        self._write = self._function(driver, "cuStreamWriteValue32")
-        self._wait = self._function(driver, "cuStreamWaitValue32")
+        u64, u32, ptr = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
+        self._write = self._function(driver, "cuStreamWriteValue32", [ptr, u64, u32, ctypes.c_uint])
+        self._wait = self._function(driver, "cuStreamWaitValue32", [ptr, u64, u32, ctypes.c_uint])
+        self._copy = self._function(driver, "cuMemcpyDtoDAsync", [u64, u64, ctypes.c_size_t, ptr])
 
     @staticmethod
-    def _function(driver: ctypes.CDLL, name: str):
+    def _function(driver: ctypes.CDLL, name: str, argtypes: list):
         fn = getattr(driver, name + "_v2", None) or getattr(driver, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        fn.argtypes = argtypes
         fn.restype = ctypes.c_int
         return fn
 
-    def write(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
-        self._check("cuStreamWriteValue32", self._write(stream.cuda_stream, address, value, _WRITE_VALUE_DEFAULT))
+    def write(self, stream: int, address: int, value: int) -> None:
+        self._check("cuStreamWriteValue32", self._write(stream, address, value, _WRITE_VALUE_DEFAULT))
 
-    def wait(self, stream: torch.cuda.Stream, address: int, value: int) -> None:
-        self._check("cuStreamWaitValue32", self._wait(stream.cuda_stream, address, value, _WAIT_VALUE_EQ))
+    def wait(self, stream: int, address: int, value: int) -> None:
+        self._check("cuStreamWaitValue32", self._wait(stream, address, value, _WAIT_VALUE_EQ))
+
+    def copy(self, stream: int, dst: int, src: int, nbytes: int) -> None:
+        self._check("cuMemcpyDtoDAsync", self._copy(dst, src, nbytes, stream))
 
     @staticmethod
     def _check(name: str, status: int) -> None:
@@ -135,16 +143,20 @@ class CopyEngineAllReduce:
         self.region_numel = region_numel(max_bytes // dtype.itemsize, self.world)
         self.rank = dist.get_rank(group)
         self.peers = peers_from(self.rank, self.world)
-        self.ops = _StreamMemOps()
-        # A stream per peer, so that the copies to different peers run on different copy engines.
+        self.driver = _Driver()
+        # A stream per peer, so that the copies to different peers run on different copy engines,
+        # and an event to order each after the main stream's work, and the main stream after it.
         self.streams = {peer: torch.cuda.Stream(device) for peer in self.peers}
+        self.handles = {peer: stream.cuda_stream for peer, stream in self.streams.items()}
+        self.made = torch.cuda.Event()
+        self.sent = {peer: torch.cuda.Event() for peer in self.peers}
 
         # Per rank two slots, each a region for the scattered partial sums and one for the gathered
         # normalized rows, and a flag per region and sender; all zero before the first call.
         self.receive = symm_mem.empty(4 * self.region_numel, dtype=dtype, device=device)
         receive = symm_mem.rendezvous(self.receive, group)
         self.own_regions = self.receive.view(2, 2, self.region_numel)
-        self.peer_regions = {peer: receive.get_buffer(peer, (2, 2, self.region_numel), dtype) for peer in self.peers}
+        self.peer_region_ptrs = {peer: receive.buffer_ptrs[peer] for peer in self.peers}
         self.flags = symm_mem.empty(4 * self.world, dtype=torch.int32, device=device)
         self.flags.zero_()
         torch.cuda.synchronize(device)
@@ -179,21 +191,24 @@ class CopyEngineAllReduce:
     def send(self, rows: torch.Tensor, peer: int, slot: int, part: int, offset: int) -> None:
         """Copy rows (contiguous) into the peer's region `part` of `slot` at `offset` once the current
         stream has made them, then raise this rank's flag of that region there."""
-        stream = self.streams[peer]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.peer_regions[peer][slot, part, offset : offset + rows.numel()].view(rows.shape).copy_(rows, non_blocking=True)
-        self.ops.write(stream, self._flag(peer, slot, part, self.rank), 1)
+        stream = self.handles[peer]
+        self.made.record()
+        self.streams[peer].wait_event(self.made)
+        start = (2 * slot + part) * self.region_numel + offset
+        itemsize = self.dtype.itemsize
+        self.driver.copy(stream, self.peer_region_ptrs[peer] + start * itemsize, rows.data_ptr(), rows.numel() * itemsize)
+        self.driver.write(stream, self._flag(peer, slot, part, self.rank), 1)
 
     def receive_region(self, slot: int, part: int) -> torch.Tensor:
         """This rank's region `part` of `slot` (flat), once the current stream waits for every peer's copy."""
         main = torch.cuda.current_stream()
         for peer in self.peers:
-            self.ops.wait(main, self._flag(self.rank, slot, part, peer), 1)
-            self.ops.write(main, self._flag(self.rank, slot, part, peer), 0)
+            self.driver.wait(main.cuda_stream, self._flag(self.rank, slot, part, peer), 1)
+            self.driver.write(main.cuda_stream, self._flag(self.rank, slot, part, peer), 0)
         if part == 1:
-            for stream in self.streams.values():
-                main.wait_stream(stream)  # this rank's copies read its tensors: they must outlive them
+            for peer, stream in self.streams.items():  # this rank's copies read its tensors: they must outlive them
+                self.sent[peer].record(stream)
+                main.wait_event(self.sent[peer])
         return self.own_regions[slot, part]
 
 
