@@ -54,15 +54,19 @@ def test_a_region_holds_every_product_up_to_the_largest(world):
 
 def test_threshold_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", "0")
-    assert above_bytes_from_env() == 0
-    monkeypatch.delenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES")
-    assert above_bytes_from_env() == 32 * 2**20
+    assert above_bytes_from_env(4) == 0
+
+
+def test_the_threshold_grows_with_the_ranks(monkeypatch):
+    monkeypatch.delenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", raising=False)
+    assert above_bytes_from_env(2) == 32 * 2**20
+    assert above_bytes_from_env(4) == 64 * 2**20
 
 
 def test_a_threshold_that_is_not_a_number_names_the_variable(monkeypatch):
     monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", "8MiB")
     with pytest.raises(ValueError, match=r"ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES must be a whole number of bytes, got '8MiB'"):
-        above_bytes_from_env()
+        above_bytes_from_env(2)
 
 
 class _QueueEngine:

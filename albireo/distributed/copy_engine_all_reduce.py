@@ -46,9 +46,10 @@ import torch
 import torch.distributed as dist
 
 
-def above_bytes_from_env() -> int:
-    """ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES, 32 MiB by default (tests send tiny models through this path with 0)."""
-    value = os.environ.get("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", str(32 * 2**20))
+def above_bytes_from_env(world: int) -> int:
+    """ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES where it is set (tests send tiny models through this path
+    with 0), else 16 MiB a rank: 32 MiB at TP=2, 64 MiB at TP=4."""
+    value = os.environ.get("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", str(world * 16 * 2**20))
     try:
         return int(value)
     except ValueError:
@@ -56,15 +57,15 @@ def above_bytes_from_env() -> int:
 
 
 # Only larger all-reduces take this path. Up to 8 MiB the one-shot push kernel (symm_all_reduce.py)
-# beat it in decode graphs (512 rows of 4096: 31.8 against 63.2 us for o_proj with its norm), and
-# above that NCCL after the matmul did up to 32 MiB: W2 at TP=2 on two H200s in one call made 18,600
-# tok/s with NCCL and 15,716 this way in prefill steps of 4096 tokens (32 MiB), while in steps of
-# 8192 (64 MiB) this way won, 19,844 and 19,935 against 18,902 and 18,914
-# (benchmarks/results/ce-threshold-h200x2-c85b803.txt). Why the 4096-token steps lost that much
-# (their forward 72 against 60 ms, the GPU idle 5.7 ms before each) is not known; it did not come
-# back on another pair, where every eager all-reduce this way made 18,856 tok/s at 4096 tokens
-# (ce-connections-h200x2-a43d6ae.txt, not an A/B against NCCL).
-ABOVE_BYTES = above_bytes_from_env()
+# beat it in decode graphs (512 rows of 4096: 31.8 against 63.2 us for o_proj with its norm). Above
+# that, an eager prefill step pays the host's launches: a layer this way costs the host ~0.9 ms at
+# four ranks against ~0.2-0.4 through NCCL (bench/row_parallel_allreduce.py, "layer ce host"), while
+# its GPU time per row shrinks with the ranks. So the bound grows with them. At TP=2 on two H200s
+# in one call W2 made 18,600 tok/s with NCCL and 15,716 this way in prefill steps of 4096 tokens
+# (32 MiB), while in steps of 8192 (64 MiB) this way won, 19,844 and 19,935 against 18,902 and
+# 18,914 (benchmarks/results/ce-threshold-h200x2-c85b803.txt). At TP=4 on four H200s (session 19)
+# steps of 8192 tokens (64 MiB) made 29,211 this way against 30,942 with NCCL, and steps of 16384
+# (128 MiB) 33,460 and 33,535 against 31,255 and 31,209 (benchmarks/results/ce-tp4-h200x4-dd9d926.txt).
 # A receive region holds (world - 1) / world of the largest product, and a row per peer more for
 # runs of rows that are one longer than an even share (rows of up to 128k features).
 _ROW_SLACK = 2**17
@@ -76,8 +77,10 @@ _WRITE_VALUE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a system-wide fence
 class _Driver:
     """The CUDA driver calls of an exchange: stream memory operations (torch does not expose the
     wait) and the copy itself. An eager prefill step makes two exchanges a layer, each with a copy
-    and a flag per peer: through torch (a stream context, wait_stream, views, copy_) each copy cost
-    the host more than the GPU spent on it at four ranks, so these are plain driver calls."""
+    and a flag per peer, and at four ranks the host's launches held the GPU up: with the copies
+    made through torch (a stream context, wait_stream, views, copy_) W2's 8192-token steps took
+    118 ms, with these driver calls 79 (NCCL 69-70), on two four-H200 machines
+    (benchmarks/results/ce-tp4-h200x4-dd9d926.txt)."""
 
     def __init__(self) -> None:
         driver = ctypes.CDLL("libcuda.so.1")
@@ -132,14 +135,14 @@ def peers_from(rank: int, world: int) -> list[int]:
 
 class CopyEngineAllReduce:
     def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype, max_bytes: int,
-                 above_bytes: int = ABOVE_BYTES) -> None:
+                 above_bytes: int | None = None) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.world = dist.get_world_size(group)
         if self.world < 2:
             raise ValueError("the copy-engine all-reduce is for two ranks or more")
         self.dtype = dtype
-        self.above_numel = above_bytes // dtype.itemsize
+        self.above_numel = (above_bytes_from_env(self.world) if above_bytes is None else above_bytes) // dtype.itemsize
         self.region_numel = region_numel(max_bytes // dtype.itemsize, self.world)
         self.rank = dist.get_rank(group)
         self.peers = peers_from(self.rank, self.world)
