@@ -116,7 +116,8 @@ def _fused(rank, world, port, queue):
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
         torch.manual_seed(rows)  # the residual is the same on every rank, as in the model
         residual = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
-        expected_out, expected_residual = norm(ps.tp_all_reduce(x.clone()), residual.clone())
+        # The push kernel adds every row's parts in rank order (at two ranks, NCCL's a + b).
+        expected_out, expected_residual = norm(_rounded_once(_gathered(x, world)), residual.clone())
         got_residual = residual.clone()
         fused = ps.tp_all_reduce_rms_norm(x.clone(), got_residual, norm.weight, norm.eps)
         assert fused is not None
@@ -169,22 +170,32 @@ def test_vocab_parallel_pick_over_peer_memory_equals_nccl_gather_then_pick():
     assert run_ranks(_vocab_parallel_picks, 2) == 0
 
 
-def _owners_sums(part: torch.Tensor, world: int) -> torch.Tensor:
-    """The all-reduce of every rank's `part` as the copy engines' path makes it: each run of rows
-    summed by its owner, its own part first and then the next ranks' in turn, in float32, rounded
-    once (at two ranks that is NCCL's a + b)."""
+def _gathered(part: torch.Tensor, world: int) -> list[torch.Tensor]:
     import torch.distributed as dist
-
-    from albireo.distributed.copy_engine_all_reduce import row_runs
 
     parts = [torch.empty_like(part) for _ in range(world)]
     dist.all_gather(parts, part)
+    return parts
+
+
+def _rounded_once(parts: list[torch.Tensor]) -> torch.Tensor:
+    """parts added in turn in float32 and rounded once to their dtype, as our kernels sum."""
+    total = parts[0].float()
+    for part in parts[1:]:
+        total += part.float()
+    return total.to(parts[0].dtype)
+
+
+def _owners_sums(part: torch.Tensor, world: int) -> torch.Tensor:
+    """The all-reduce of every rank's `part` as the copy engines' path makes it: each run of rows
+    summed by its owner, its own part first and then the next ranks' in turn (at two ranks that is
+    NCCL's a + b)."""
+    from albireo.distributed.copy_engine_all_reduce import row_runs
+
+    parts = _gathered(part, world)
     total = torch.empty_like(part)
     for owner, (lo, hi) in enumerate(row_runs(part.shape[0], world)):
-        acc = parts[owner][lo:hi].float()
-        for k in range(1, world):
-            acc += parts[(owner + k) % world][lo:hi].float()
-        total[lo:hi] = acc
+        total[lo:hi] = _rounded_once([parts[(owner + k) % world][lo:hi] for k in range(world)])
     return total
 
 
