@@ -109,6 +109,29 @@ def test_fit_needs_two_degrees():
         fit_measured({1: 3.0})
 
 
+def _w2_run(tp: int, tok_s: float, commit: str, async_scheduling: bool = True) -> dict:
+    return {"device": "GPU", "workload": "W2", "model": "llama-3.1-8b", "commit": commit, "tp": tp,
+            "async_scheduling": async_scheduling, "step_breakdown": {}, "output_tokens_per_s": tok_s,
+            "date": f"2026-11-27T0{tp}"}
+
+
+def test_tp_plot_draws_and_fits_newer_runs_beside_the_base_ones(tmp_path):
+    import matplotlib
+
+    from albireo.bench.plots import plot_tp_scaling
+
+    matplotlib.use("Agg")
+    records = [_w2_run(t, v, "old") for t, v in ((1, 100.0), (2, 180.0), (4, 260.0))]
+    records += [_w2_run(t, v, "old", async_scheduling=False) for t, v in ((1, 90.0), (2, 150.0))]
+    records += [_w2_run(t, v, "new") for t, v in ((1, 100.0), (2, 183.0), (4, 308.0))]
+    path, fits = plot_tp_scaling(records, "GPU", {"old"}, tmp_path, newer={"new"})
+    assert path.stat().st_size > 0
+    old = fits["W2 llama-3.1-8b async on, cost a / t + b + c (t - 1)"]["predicted_speedup"]
+    new = fits["W2 llama-3.1-8b async on, new, cost a / t + b + c (t - 1)"]["predicted_speedup"]
+    assert round(old[4], 6) == 2.6 and round(new[4], 6) == 3.08  # three points: the fits go through them
+    assert not any("async off" in name for name in fits)  # only async series are fitted
+
+
 def _rank_1_fails(rank, world, port, queue):
     if rank == 1:
         raise SystemExit(3)

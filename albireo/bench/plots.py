@@ -92,35 +92,47 @@ def scaling_runs(
 _FIT_LABELS = {False: "cost a / t + b", True: "cost a / t + b + c (t - 1)"}
 
 
-def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Path) -> tuple[Path, dict]:
-    """The plot, and per async series both fits of `fit_measured` with their TP=8 predictions."""
+def plot_tp_scaling(
+    records: list[dict], device: str, commits: set[str], out: Path, newer: set[str] = frozenset()
+) -> tuple[Path, dict]:
+    """The plot, and per async series both fits of `fit_measured` with their TP=8 predictions. The
+    runs of `newer` commits (another machine's, of later code: W2 async alone, say) are drawn
+    beside those of `commits`, in a colour of their own."""
     import matplotlib.pyplot as plt
 
     from albireo.bench.amdahl import fit_measured
 
     fits: dict[str, dict] = {}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 5.5))
+    later = ", ".join(sorted(newer))
     for ax, model in zip(axes[:2], ("llama-3.1-8b", "qwen2.5-32b")):
         base = None
-        for mode, color in ((True, "#08519c"), (False, "#6baed6")):
-            runs = scaling_runs(records, device, "W2", model, mode, commits)
+        # Annotations: async on above its points, off below (at TP=1 and TP=2 the two nearly
+        # meet), the newer runs above and to the left, with their speedup over their own TP=1.
+        for mode, run_commits, color, label, offset in ((True, commits, "#08519c", "async on", (4, 6)),
+                                                        (False, commits, "#6baed6", "async off", (4, -12)),
+                                                        (True, newer, "#e6550d", f"async on, {later}", (-60, 8))):
+            runs = scaling_runs(records, device, "W2", model, mode, run_commits)
             if not runs:
                 continue
             tps = sorted(runs)
             values = [runs[t]["output_tokens_per_s"] for t in tps]
-            ax.plot(tps, values, "o-", color=color, label=f"async {'on' if mode else 'off'}")
+            ax.plot(tps, values, "o-", color=color, label=label)
             for t, v in zip(tps, values):
                 prompts = runs[t].get("num_prompts", 1000)
                 note = "" if prompts == 1000 else f" ({prompts} prompts)"
-                # async on above its points, off below: at TP=1 and TP=2 the two nearly meet.
-                ax.annotate(f"{v / 1000:.1f}k{note}", (t, v), textcoords="offset points",
-                            xytext=(4, 6 if mode else -12), fontsize=8)
+                if run_commits is newer:
+                    if t == tps[0]:
+                        continue
+                    note = f" ({v / values[0]:.2f}x)"
+                ax.annotate(f"{v / 1000:.1f}k{note}", (t, v), textcoords="offset points", xytext=offset,
+                            fontsize=8, color=color if run_commits is newer else "black")
             if mode:
-                base = (tps[0], values[0], tps[-1])
+                base = base or (tps[0], values[0], tps[-1])
                 if len(tps) >= 2:
                     cost = {t: 1 / v for t, v in zip(tps, values)}
                     for growing, marker in ((False, "+"), (True, "x")):
-                        fits[f"W2 {model} async, {_FIT_LABELS[growing]}"] = fit = fit_measured(cost, growing)
+                        fits[f"W2 {model} {label}, {_FIT_LABELS[growing]}"] = fit = fit_measured(cost, growing)
                         ax.plot([8], [1 / fit["predicted_step_ms"][8]], marker, color=color, ms=9,
                                 label=f"TP=8 predicted, {_FIT_LABELS[growing]}")
         if base is not None:
@@ -132,7 +144,7 @@ def plot_tp_scaling(records: list[dict], device: str, commits: set[str], out: Pa
         ax.set_xlabel("tensor-parallel degree")
         ax.set_ylabel("output tokens/s")
         ax.set_title(f"W2 {model}, 1000 x 512 in / 256 out")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the points fill the panel
     lat_ax = axes[2]
     runs = scaling_runs(records, device, "W3", "llama-3.1-8b", True, commits)
     if runs:
@@ -168,6 +180,8 @@ def main() -> None:
     parser.add_argument("--tp-device", default="NVIDIA H200", help="the machine whose TP runs to plot")
     parser.add_argument("--tp-commits", default="029a4de",
                         help="the commits of that machine's runs (session 15's 4 x H200 runs by default)")
+    parser.add_argument("--tp-newer-commits", default="dd9d926",
+                        help="later runs drawn beside them (session 19's W2 8B, async, on other 4 x H200)")
     args = parser.parse_args()
     import matplotlib
 
@@ -176,7 +190,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(plot_vs_vllm(records, out))
-    path, fits = plot_tp_scaling(records, args.tp_device, set(args.tp_commits.split(",")), out)
+    path, fits = plot_tp_scaling(records, args.tp_device, set(args.tp_commits.split(",")), out,
+                                 set(filter(None, args.tp_newer_commits.split(","))))
     print(path)
     for name, fit in fits.items():
         print(f"{name}: cost(t) = {fit['shrinking']:.4g} / t + {fit['not_shrinking']:.4g} + {fit['growing']:.4g} (t - 1); "
