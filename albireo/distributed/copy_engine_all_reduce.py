@@ -185,7 +185,7 @@ class CopyEngineAllReduce:
         for index, peer in enumerate(self.peers):
             lo, hi = runs[peer]
             torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
-            # This rank is the peer's sender world - 1 - index, counting from the rank after the peer.
+            # Among the peer's senders, counted from the rank after the peer, this rank is world - 2 - index.
             self.send(out[lo:hi], peer, slot, part=0, offset=(self.world - 2 - index) * out[lo:hi].numel())
         lo, hi = runs[self.rank]
         torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
