@@ -17,6 +17,9 @@
 #   extra:       the W5 amdahl breakdown, sequence-parallel sampling on GPUs
 #   share:       on one GPU, W2 on llama-3.1-8b and on one rank's share of it at each degree past 1
 #                (bench/rank_share.py): the share's time is a rank's without the exchanges
+#   ce:          W2 on llama-3.1-8b at each degree past 1 with prompt steps of 16384 and of 8192
+#                tokens, the copy-engine all-reduce on above 32 MiB and off, alternating, and the micro-
+#                benchmark of its layer (benchmarks/results/ce-tp4-h200x4-dd9d926.txt)
 # W2 runs at most MAX_NUM_SEQS sequences at once (default 512; vLLM's own default is 1024).
 # Each W2/W3 run writes a record with its per-step breakdown (--profile-steps) and energy.
 set -uo pipefail
@@ -76,6 +79,17 @@ case $stage in
       [ "$t" = 1 ] && continue
       python3 bench/rank_share.py benchmarks/models/llama-3.1-8b "$t" "$out/llama-3.1-8b-tp$t-share"
       w2 "$out/llama-3.1-8b-tp$t-share" 1
+    done ;;
+  ce)
+    for t in $degrees; do
+      [ "$t" = 1 ] && continue
+      run 120 python3 bench/row_parallel_allreduce.py --tp "$t" --rows 4096 8192 16384 --decode-rows
+      for tokens in 16384 8192; do
+        for on in 1 0 1 0; do
+          echo "TP=$t, $tokens-token steps, ALBIREO_CE_ALL_REDUCE=$on"
+          ALBIREO_CE_ALL_REDUCE=$on ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES=$((32 * 2**20)) w2 llama-3.1-8b "$t" --max-num-batched-tokens "$tokens"
+        done
+      done
     done ;;
   extra)
     bash bench/run_workloads.sh "$out" W5-amdahl
