@@ -59,10 +59,12 @@ def _host_ms(fn, iters: int = 10) -> float:
 
 def _rank(rank: int, world: int, port: int, rows_list: list[int], hidden: int, inner: int, decode_rows: list[int]) -> None:
     from albireo.distributed import copy_engine_all_reduce as cear
+    from albireo.distributed import parallel_state as ps
 
     torch.cuda.set_device(rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    ps.set_tensor_parallel_group(dist.group.WORLD)  # the engine's layers sum over it
     max_rows = max(rows_list)
     ce = cear.CopyEngineAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16,
                                   max_rows * hidden * 2, above_bytes=0)
@@ -118,7 +120,6 @@ def _layer_times(ce, rows: int, hidden: int, inner: int) -> dict[str, float]:
 
     world = dist.get_world_size()
     device = torch.device("cuda", dist.get_rank())
-    ps.set_tensor_parallel_group(dist.group.WORLD)
     down = RowParallelLinear(world * inner, hidden).to(device, torch.bfloat16)
     down.weight.data.normal_(0, 0.02)
     gate_up = ColumnParallelLinear(hidden, [world * inner, world * inner]).to(device, torch.bfloat16)
@@ -152,7 +153,6 @@ def _decode_table(rank: int, world: int, rows_list: list[int], hidden: int, down
     from albireo.layers.norm import RMSNorm
 
     device = torch.device("cuda", rank)
-    ps.set_tensor_parallel_group(dist.group.WORLD)
     ps.enable_symm_all_reduce(device, torch.bfloat16)
     norm = RMSNorm(hidden, 1e-5).to(device, torch.bfloat16)
     for rows in rows_list:

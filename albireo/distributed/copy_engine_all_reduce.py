@@ -150,7 +150,6 @@ class CopyEngineAllReduce:
         # A stream per peer, so that the copies to different peers run on different copy engines,
         # and an event to order each after the main stream's work, and the main stream after it.
         self.streams = {peer: torch.cuda.Stream(device) for peer in self.peers}
-        self.handles = {peer: stream.cuda_stream for peer, stream in self.streams.items()}
         self.made = torch.cuda.Event()
         self.sent = {peer: torch.cuda.Event() for peer in self.peers}
 
@@ -194,13 +193,14 @@ class CopyEngineAllReduce:
     def send(self, rows: torch.Tensor, peer: int, slot: int, part: int, offset: int) -> None:
         """Copy rows (contiguous) into the peer's region `part` of `slot` at `offset` once the current
         stream has made them, then raise this rank's flag of that region there."""
-        stream = self.handles[peer]
+        stream = self.streams[peer]
         self.made.record()
-        self.streams[peer].wait_event(self.made)
+        stream.wait_event(self.made)
         start = (2 * slot + part) * self.region_numel + offset
         itemsize = self.dtype.itemsize
-        self.driver.copy(stream, self.peer_region_ptrs[peer] + start * itemsize, rows.data_ptr(), rows.numel() * itemsize)
-        self.driver.write(stream, self._flag(peer, slot, part, self.rank), 1)
+        self.driver.copy(stream.cuda_stream, self.peer_region_ptrs[peer] + start * itemsize, rows.data_ptr(),
+                         rows.numel() * itemsize)
+        self.driver.write(stream.cuda_stream, self._flag(peer, slot, part, self.rank), 1)
 
     def receive_region(self, slot: int, part: int) -> torch.Tensor:
         """This rank's region `part` of `slot` (flat), once the current stream waits for every peer's copy."""
