@@ -72,22 +72,29 @@ _ROW_SLACK = 2**17
 
 _WAIT_VALUE_EQ = 0x1  # CU_STREAM_WAIT_VALUE_EQ
 _WRITE_VALUE_DEFAULT = 0x0  # CU_STREAM_WRITE_VALUE_DEFAULT: a system-wide fence before the write
+_EVENT_DISABLE_TIMING = 0x2  # CU_EVENT_DISABLE_TIMING
 
 
 class _Driver:
     """The CUDA driver calls of an exchange: stream memory operations (torch does not expose the
-    wait) and the copy itself. An eager prefill step makes two exchanges a layer, each with a copy
-    and a flag per peer, and at four ranks the host's launches held the GPU up: with the copies
-    made through torch (a stream context, wait_stream, views, copy_) W2's 8192-token steps took
-    118 ms, with these driver calls 79 (NCCL 69-70), on two four-H200 machines
-    (benchmarks/results/ce-tp4-h200x4-dd9d926.txt)."""
+    wait), the copy itself, and the events that order a copy's stream after the main stream's work
+    and back. An eager prefill step makes two exchanges a layer, each with a copy and a flag per
+    peer, and at four ranks the host's launches held the GPU up: with the copies made through torch
+    (a stream context, wait_stream, views, copy_) W2's 8192-token steps took 118 ms, with the copy
+    and flags as driver calls 79 (NCCL 69-70), on two four-H200 machines
+    (benchmarks/results/ce-tp4-h200x4-dd9d926.txt). The calls hold the GIL (PyDLL): each only
+    enqueues work, and a worker has other threads, so dropping and taking the GIL back around each
+    of ~40 calls a layer would make the launches wait on them."""
 
-    def __init__(self) -> None:
-        driver = ctypes.CDLL("libcuda.so.1")
-        u64, u32, ptr = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
-        self._write = self._function(driver, "cuStreamWriteValue32", [ptr, u64, u32, ctypes.c_uint])
-        self._wait = self._function(driver, "cuStreamWaitValue32", [ptr, u64, u32, ctypes.c_uint])
+    def __init__(self, loader: type[ctypes.CDLL] = ctypes.PyDLL) -> None:
+        driver = loader("libcuda.so.1")
+        u64, u32, ptr, uint = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint
+        self._write = self._function(driver, "cuStreamWriteValue32", [ptr, u64, u32, uint])
+        self._wait = self._function(driver, "cuStreamWaitValue32", [ptr, u64, u32, uint])
         self._copy = self._function(driver, "cuMemcpyDtoDAsync", [u64, u64, ctypes.c_size_t, ptr])
+        self._event_create = self._function(driver, "cuEventCreate", [ctypes.POINTER(ptr), uint])
+        self._record = self._function(driver, "cuEventRecord", [ptr, ptr])
+        self._wait_event = self._function(driver, "cuStreamWaitEvent", [ptr, ptr, uint])
 
     @staticmethod
     def _function(driver: ctypes.CDLL, name: str, argtypes: list):
@@ -104,6 +111,18 @@ class _Driver:
 
     def copy(self, stream: int, dst: int, src: int, nbytes: int) -> None:
         self._check("cuMemcpyDtoDAsync", self._copy(dst, src, nbytes, stream))
+
+    def event(self) -> int:
+        """A new event of the current context. It lives as long as the process, as the engine does."""
+        handle = ctypes.c_void_p()
+        self._check("cuEventCreate", self._event_create(ctypes.byref(handle), _EVENT_DISABLE_TIMING))
+        return handle.value
+
+    def record(self, event: int, stream: int) -> None:
+        self._check("cuEventRecord", self._record(event, stream))
+
+    def wait_event(self, stream: int, event: int) -> None:
+        self._check("cuStreamWaitEvent", self._wait_event(stream, event, 0))
 
     @staticmethod
     def _check(name: str, status: int) -> None:
@@ -150,8 +169,9 @@ class CopyEngineAllReduce:
         # A stream per peer, so that the copies to different peers run on different copy engines,
         # and an event to order each after the main stream's work, and the main stream after it.
         self.streams = {peer: torch.cuda.Stream(device) for peer in self.peers}
-        self.made = torch.cuda.Event()
-        self.sent = {peer: torch.cuda.Event() for peer in self.peers}
+        with torch.cuda.device(device):
+            self.made = self.driver.event()
+            self.sent = {peer: self.driver.event() for peer in self.peers}
 
         # Per rank two slots, each a region for the scattered partial sums and one for the gathered
         # normalized rows, and a flag per region and sender; all zero before the first call.
@@ -193,25 +213,24 @@ class CopyEngineAllReduce:
     def send(self, rows: torch.Tensor, peer: int, slot: int, part: int, offset: int) -> None:
         """Copy rows (contiguous) into the peer's region `part` of `slot` at `offset` once the current
         stream has made them, then raise this rank's flag of that region there."""
-        stream = self.streams[peer]
-        self.made.record()
-        stream.wait_event(self.made)
+        stream = self.streams[peer].cuda_stream
+        self.driver.record(self.made, torch.cuda.current_stream().cuda_stream)
+        self.driver.wait_event(stream, self.made)
         start = (2 * slot + part) * self.region_numel + offset
         itemsize = self.dtype.itemsize
-        self.driver.copy(stream.cuda_stream, self.peer_region_ptrs[peer] + start * itemsize, rows.data_ptr(),
-                         rows.numel() * itemsize)
-        self.driver.write(stream.cuda_stream, self._flag(peer, slot, part, self.rank), 1)
+        self.driver.copy(stream, self.peer_region_ptrs[peer] + start * itemsize, rows.data_ptr(), rows.numel() * itemsize)
+        self.driver.write(stream, self._flag(peer, slot, part, self.rank), 1)
 
     def receive_region(self, slot: int, part: int) -> torch.Tensor:
         """This rank's region `part` of `slot` (flat), once the current stream waits for every peer's copy."""
-        main = torch.cuda.current_stream()
+        main = torch.cuda.current_stream().cuda_stream
         for peer in self.peers:
-            self.driver.wait(main.cuda_stream, self._flag(self.rank, slot, part, peer), 1)
-            self.driver.write(main.cuda_stream, self._flag(self.rank, slot, part, peer), 0)
+            self.driver.wait(main, self._flag(self.rank, slot, part, peer), 1)
+            self.driver.write(main, self._flag(self.rank, slot, part, peer), 0)
         if part == 1:
             for peer, stream in self.streams.items():  # this rank's copies read its tensors: they must outlive them
-                self.sent[peer].record(stream)
-                main.wait_event(self.sent[peer])
+                self.driver.record(self.sent[peer], stream.cuda_stream)
+                self.driver.wait_event(main, self.sent[peer])
         return self.own_regions[slot, part]
 
 
