@@ -178,10 +178,11 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results")
     parser.add_argument("--out", default="benchmarks/plots")
     parser.add_argument("--tp-device", default="NVIDIA H200", help="the machine whose TP runs to plot")
-    parser.add_argument("--tp-commits", default="029a4de",
-                        help="the commits of that machine's runs (session 15's 4 x H200 runs by default)")
-    parser.add_argument("--tp-newer-commits", default="dd9d926",
-                        help="later runs drawn beside them (session 19's W2 8B, async, on other 4 x H200)")
+    parser.add_argument("--tp-commits", default="7229ad0,e9fca44",
+                        help="the commits of that machine's runs (session 20's 4 x H200 runs by default: "
+                        "7229ad0 and e9fca44 differ only in how the copy-engine all-reduce calls the driver)")
+    parser.add_argument("--tp-newer-commits", default="",
+                        help="later runs drawn beside them (W2 async of another machine, say)")
     args = parser.parse_args()
     import matplotlib
 
