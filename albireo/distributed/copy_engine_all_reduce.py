@@ -82,9 +82,10 @@ class _Driver:
     peer, and at four ranks the host's launches held the GPU up: with the copies made through torch
     (a stream context, wait_stream, views, copy_) W2's 8192-token steps took 118 ms, with the copy
     and flags as driver calls 79 (NCCL 69-70), on two four-H200 machines
-    (benchmarks/results/ce-tp4-h200x4-dd9d926.txt). The calls hold the GIL (PyDLL): each only
-    enqueues work, and a worker has other threads, so dropping and taking the GIL back around each
-    of ~40 calls a layer would make the launches wait on them."""
+    (benchmarks/results/ce-tp4-h200x4-dd9d926.txt). The calls keep the GIL (PyDLL), as each only
+    enqueues work: with another Python thread busy, a CDLL call, which drops the GIL and takes it
+    back, waited 3-9 ms for it, against 3-7 us (bench/ce_host_calls.py). A worker's only other
+    thread mostly sleeps, and W2 did not tell the two apart (tp4-h200x4-session20.txt)."""
 
     def __init__(self, loader: type[ctypes.CDLL] = ctypes.PyDLL) -> None:
         driver = loader("libcuda.so.1")
