@@ -15,26 +15,14 @@ import argparse
 import ctypes
 import os
 import threading
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _per_call_us(fn, calls: int, busy: bool) -> float:
-    torch.cuda.synchronize()
-    if busy:
-        torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time: every call below only queues
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed * 1e6 / calls
-
-
 def _rank(rank: int, world: int, port: int, calls: int) -> None:
+    from albireo.bench.record import host_us
     from albireo.distributed.copy_engine_all_reduce import CopyEngineAllReduce, _Driver
 
     torch.cuda.set_device(rank)
@@ -72,11 +60,12 @@ def _rank(rank: int, world: int, port: int, calls: int) -> None:
         while not stop.is_set():
             n += 1
 
-    table = {name: [_per_call_us(fn, calls, busy=True), _per_call_us(fn, calls, busy=False)] for name, fn in rows_of.items()}
+    busy = 50_000_000  # ~25 ms of GPU time: every call only queues
+    table = {name: [host_us(fn, calls, busy), host_us(fn, calls)] for name, fn in rows_of.items()}
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     for name, fn in rows_of.items():
-        table[name].append(_per_call_us(fn, calls, busy=True))
+        table[name].append(host_us(fn, calls, busy))
     stop.set()
     spinner.join()
     if rank == 0:

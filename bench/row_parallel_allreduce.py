@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -43,18 +42,6 @@ def _ms(fn, iters: int = 10) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
-
-
-def _host_ms(fn, iters: int = 10) -> float:
-    """ms the host takes to launch fn, with the GPU idle when it starts (few enough launches that
-    the queue never fills and blocks it)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed * 1e3 / iters
 
 
 def _rank(rank: int, world: int, port: int, rows_list: list[int], hidden: int, inner: int, decode_rows: list[int]) -> None:
@@ -114,6 +101,7 @@ def _layer_times(ce, rows: int, hidden: int, inner: int) -> dict[str, float]:
     """ms of down_proj, its residual add and norm and the next gate_up as the engine runs them in a
     prefill step (eagerly, and replayed in a CUDA graph): with NCCL and the fused norm, and with the
     copy engines."""
+    from albireo.bench.record import graph_us, host_us
     from albireo.distributed import parallel_state as ps
     from albireo.layers.linear import ColumnParallelLinear, RowParallelLinear
     from albireo.layers.norm import RMSNorm
@@ -132,13 +120,11 @@ def _layer_times(ce, rows: int, hidden: int, inner: int) -> dict[str, float]:
         for _ in range(2):
             gate_up(down(x, residual=residual, norm=norm)[0])
 
-    from albireo.bench.record import graph_us
-
     times = {}
     for name, path in (("nccl", None), ("ce", ce)):
         ps._copy_engine_all_reduce = path
         times[f"layer {name}"] = _ms(layer) / 2
-        times[f"layer {name} host"] = _host_ms(layer) / 2
+        times[f"layer {name} host"] = host_us(layer, 10) / 2e3
         # In a CUDA graph, where no host launches between the kernels can hold the GPU up.
         times[f"layer {name} graph"] = graph_us(layer, 2, replays=5) / 1e3
     ps._copy_engine_all_reduce = None

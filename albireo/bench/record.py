@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Self
@@ -190,3 +191,18 @@ def graph_us(step: Callable[[], object], calls: int, replays: int = 20) -> float
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / (replays * calls)
+
+
+def host_us(fn: Callable[[], object], calls: int, busy_cycles: int = 0) -> float:
+    """Microseconds the host takes per call of fn, launches only: the GPU is idle when the calls
+    start, or busy for busy_cycles more (a sleeping kernel ahead, as when the host runs ahead of it),
+    and `calls` must be few enough that the launch queue never fills and blocks the host."""
+    torch.cuda.synchronize()
+    if busy_cycles:
+        torch.cuda._sleep(busy_cycles)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e6 / calls
