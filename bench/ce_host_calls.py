@@ -49,7 +49,7 @@ def _rank(rank: int, world: int, port: int, calls: int) -> None:
         for name, fn in driver_calls(_Driver(loader)).items():
             rows_of[f"{name}, {loader.__name__}"] = fn
     rows_of.update({
-        "send (the engine's, whole)": lambda: ce.send(rows, peer, 0, 0, 0),
+        "send (the engine's, whole)": lambda: ce.send(main, rows, 0, 0, {peer: 0}),
         "matmul 4096x1024x1024 (torch)": lambda: torch.matmul(x, w),
         "current stream handle (torch)": lambda: torch.cuda.current_stream().cuda_stream,
     })

@@ -6,6 +6,7 @@ queues for the flags."""
 import collections
 import itertools
 import queue
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -80,14 +81,21 @@ class _QueueEngine:
         self.rank, self.world, self.peers = rank, world, peers_from(rank, world)
         self.regions, self.flags, self.calls = regions, flags, 0
 
-    def send(self, rows: torch.Tensor, peer: int, slot: int, part: int, offset: int) -> None:
-        self.regions[peer][slot, part, offset : offset + rows.numel()] = rows.flatten()
-        self.flags[peer][slot, part].put(self.rank)
+    def send(self, main: int, rows: torch.Tensor, slot: int, part: int, offsets: dict[int, int]) -> None:
+        for peer, offset in offsets.items():
+            self.regions[peer][slot, part, offset : offset + rows.numel()] = rows.flatten()
+            self.flags[peer][slot, part].put(self.rank)
 
-    def receive_region(self, slot: int, part: int) -> torch.Tensor:
+    def receive_region(self, main: int, slot: int, part: int) -> torch.Tensor:
         senders = sorted(self.flags[self.rank][slot, part].get(timeout=10) for _ in self.peers)
         assert senders == sorted(self.peers)
         return self.regions[self.rank][slot, part]
+
+
+@pytest.fixture(autouse=True)
+def _no_cuda_stream(monkeypatch):
+    """linear asks torch for the current stream's handle, which the queue engine only passes on."""
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(cuda_stream=0))
 
 
 def _split_sums(rows: int, world: int, features: int = 8) -> tuple[list[SplitSum], torch.Tensor]:

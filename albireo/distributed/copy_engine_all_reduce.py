@@ -197,34 +197,38 @@ class CopyEngineAllReduce:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> SplitSum:
         """x W^T for x [rows, in] and weight [out, in] (`takes` must hold), each peer's rows of it sent
-        to that peer; the returned SplitSum must be read (all of it) before the next call."""
+        to that peer; the returned SplitSum must be read (all of it) on the same stream before the
+        next call."""
         runs = row_runs(x.shape[0], self.world)
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         slot = self.calls % 2
         self.calls += 1
+        # torch's current-stream lookup costs the host ~8 us (bench/ce_host_calls.py): once a call.
+        main = torch.cuda.current_stream().cuda_stream
         for index, peer in enumerate(self.peers):
             lo, hi = runs[peer]
             torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
             # Among the peer's senders, counted from the rank after the peer, this rank is world - 2 - index.
-            self.send(out[lo:hi], peer, slot, part=0, offset=(self.world - 2 - index) * out[lo:hi].numel())
+            self.send(main, out[lo:hi], slot, part=0, offsets={peer: (self.world - 2 - index) * out[lo:hi].numel()})
         lo, hi = runs[self.rank]
         torch.matmul(x[lo:hi], weight.t(), out=out[lo:hi])
-        return SplitSum(self, slot, out, runs)
+        return SplitSum(self, slot, out, runs, main)
 
-    def send(self, rows: torch.Tensor, peer: int, slot: int, part: int, offset: int) -> None:
-        """Copy rows (contiguous) into the peer's region `part` of `slot` at `offset` once the current
+    def send(self, main: int, rows: torch.Tensor, slot: int, part: int, offsets: dict[int, int]) -> None:
+        """Copy rows (contiguous) into each peer's region `part` of `slot` at its offset once the main
         stream has made them, then raise this rank's flag of that region there."""
-        stream = self.streams[peer].cuda_stream
-        self.driver.record(self.made, torch.cuda.current_stream().cuda_stream)
-        self.driver.wait_event(stream, self.made)
-        start = (2 * slot + part) * self.region_numel + offset
+        self.driver.record(self.made, main)
+        start = (2 * slot + part) * self.region_numel
         itemsize = self.dtype.itemsize
-        self.driver.copy(stream, self.peer_region_ptrs[peer] + start * itemsize, rows.data_ptr(), rows.numel() * itemsize)
-        self.driver.write(stream, self._flag(peer, slot, part, self.rank), 1)
+        for peer, offset in offsets.items():
+            stream = self.streams[peer].cuda_stream
+            self.driver.wait_event(stream, self.made)
+            destination = self.peer_region_ptrs[peer] + (start + offset) * itemsize
+            self.driver.copy(stream, destination, rows.data_ptr(), rows.numel() * itemsize)
+            self.driver.write(stream, self._flag(peer, slot, part, self.rank), 1)
 
-    def receive_region(self, slot: int, part: int) -> torch.Tensor:
-        """This rank's region `part` of `slot` (flat), once the current stream waits for every peer's copy."""
-        main = torch.cuda.current_stream().cuda_stream
+    def receive_region(self, main: int, slot: int, part: int) -> torch.Tensor:
+        """This rank's region `part` of `slot` (flat), once the main stream waits for every peer's copy."""
         for peer in self.peers:
             self.driver.wait(main, self._flag(self.rank, slot, part, peer), 1)
             self.driver.write(main, self._flag(self.rank, slot, part, peer), 0)
@@ -246,6 +250,7 @@ class SplitSum:
     slot: int
     mine: torch.Tensor
     runs: list[tuple[int, int]]
+    main: int  # the stream the call was made on, which reads it
 
     @property
     def own(self) -> tuple[int, int]:
@@ -256,7 +261,7 @@ class SplitSum:
         features]): the sum of all of them is the all-reduce there."""
         lo, hi = self.own
         features = self.mine.shape[1]
-        region = self.engine.receive_region(self.slot, 0)
+        region = self.engine.receive_region(self.main, self.slot, 0)
         return self.mine[lo:hi], region[: (self.engine.world - 1) * (hi - lo) * features].view(-1, hi - lo, features)
 
     def share(self, rows: torch.Tensor) -> None:
@@ -264,18 +269,19 @@ class SplitSum:
         lo, hi = self.own
         assert rows.dtype == self.engine.dtype and rows.shape[0] == hi - lo
         rows = rows.contiguous()
+        offsets = {}
         for peer in self.engine.peers:
             peer_lo, peer_hi = self.runs[peer]
             # The peer's region packs the other ranks' rows in order, its own left out.
-            start = lo if lo < peer_lo else lo - (peer_hi - peer_lo)
-            self.engine.send(rows, peer, self.slot, part=1, offset=start * rows.shape[1])
+            offsets[peer] = (lo if lo < peer_lo else lo - (peer_hi - peer_lo)) * rows.shape[1]
+        self.engine.send(self.main, rows, self.slot, part=1, offsets=offsets)
 
     def gathered(self, features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The peers' finished rows before this rank's own and after them, once the current stream
         waits for them."""
         lo, hi = self.own
         rows = self.runs[-1][1] - (hi - lo)
-        packed = self.engine.receive_region(self.slot, 1)[: rows * features].view(rows, features)
+        packed = self.engine.receive_region(self.main, self.slot, 1)[: rows * features].view(rows, features)
         return packed[:lo], packed[lo:]
 
     def total(self) -> torch.Tensor:
