@@ -1,6 +1,7 @@
 """End to end on the GPU: outputs against transformers, CUDA graphs against eager (run on the H100)."""
 
 import gc
+import json
 import sys
 from pathlib import Path
 
@@ -271,16 +272,28 @@ def test_tp4_with_every_all_reduce_two_shot_equals_tp1(tiny_model, monkeypatch):
     assert tp4 == tp1
 
 
+def _calls(table: str, name: str) -> int:
+    """The number of calls in a torch.profiler table's row of that name (its last column)."""
+    return int(next(line for line in table.splitlines() if name in line).split()[-1])
+
+
 @pytest.mark.parametrize("tp", [2, 4])
-def test_tp_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_model, monkeypatch, tp):
+def test_tp_with_every_prefill_all_reduce_on_the_copy_engines_equals_tp1(tiny_model, monkeypatch, tmp_path, tp):
     """The tiny model's activations are far below the copy-engine path's size: lower it to zero bytes
     (the workers read it when they start) so that every prefill layer takes it, and every decode
-    layer of as many rows as ranks or more, in CUDA graphs."""
+    layer of as many rows as ranks or more, in CUDA graphs. Rank 0's kernels of the first step, all
+    nine prompts, show that every all-reduce took it: two a layer, each sending its product and then
+    its normalized rows to every peer."""
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
     monkeypatch.setenv("ALBIREO_CE_ALL_REDUCE_ABOVE_BYTES", "0")
-    tp_n, tp1 = _tp_and_tp1_tokens(tiny_model("qwen3"), tensor_parallel_size=tp)
+    table = tmp_path / "first_step.txt"
+    monkeypatch.setenv("ALBIREO_PROFILE_WORKER", f"0:1:{table}")
+    path = tiny_model("qwen3")
+    tp_n, tp1 = _tp_and_tp1_tokens(path, tensor_parallel_size=tp)
     assert tp_n == tp1
+    layers = json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"]
+    assert _calls(table.read_text(), "Memcpy PtoP") == 2 * layers * 2 * (tp - 1)
 
 
 @pytest.mark.parametrize("switch", ["ALBIREO_GEMV_PUSH", "ALBIREO_EARLY_LAUNCH"])
