@@ -132,6 +132,15 @@ def test_tp_plot_draws_and_fits_newer_runs_beside_the_base_ones(tmp_path):
     assert not any("async off" in name for name in fits)  # only async series are fitted
 
 
+def test_the_chart_against_vllm_takes_the_newest_run_of_the_workloads_own_model():
+    from albireo.bench.plots import H100, latest
+
+    run = {"device": H100, "workload": "W2", "tp": 1, "async_scheduling": True}
+    records = [{**run, "model": "llama-3.1-8b", "date": "2026-11-28T00:26", "output_tokens_per_s": 10272.0},
+               {**run, "model": "llama-3.1-8b-tp2-share", "date": "2026-11-28T00:27", "output_tokens_per_s": 19715.0}]
+    assert latest(records, "W2", async_scheduling=True)["output_tokens_per_s"] == 10272.0
+
+
 def _rank_1_fails(rank, world, port, queue):
     if rank == 1:
         raise SystemExit(3)

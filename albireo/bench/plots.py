@@ -12,6 +12,7 @@ from pathlib import Path
 
 # BENCHMARKS.md: vLLM 0.26.0 on an H100 80GB HBM3 (best of its async and sync modes where both ran).
 VLLM_H100 = {"W1": 16443, "W2": 8390, "W5": 29114, "W3": 1.673}
+MODEL = {"W1": "llama-3.2-1b", "W2": "llama-3.1-8b", "W5": "llama-3.2-1b", "W3": "llama-3.1-8b"}
 H100 = "NVIDIA H100 80GB HBM3"
 
 
@@ -24,9 +25,11 @@ def per_mode(record: dict) -> list[dict]:
 
 
 def latest(records: list[dict], workload: str, async_scheduling: bool) -> dict | None:
-    """The newest TP=1 H100 run of a workload in one mode (A/B runs with PDL, copy streams or the
-    matmul's residual add off, or under a changed environment, do not count)."""
-    runs = [r for r in records if r.get("workload") == workload and r.get("tp", 1) == 1 and r.get("pdl", True)
+    """The newest TP=1 H100 run of a workload on its own model in one mode (A/B runs with PDL, copy
+    streams or the matmul's residual add off, or under a changed environment, and runs of one TP
+    rank's share of the model, do not count)."""
+    runs = [r for r in records if r.get("workload") == workload and r.get("model") == MODEL[workload]
+            and r.get("tp", 1) == 1 and r.get("pdl", True)
             and r.get("copy_streams", True) and r.get("gemm_residual", True) and "environment" not in r
             and r.get("device") == H100 and r.get("async_scheduling") == async_scheduling]
     return max(runs, key=lambda r: r["date"], default=None)
