@@ -19,8 +19,6 @@ most of the SMs. The overlapped sums are checked against today's.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import hand_back, run_ranks
+from albireo.bench.ranks import hand_back, two_rank_rows_benchmark
 from albireo.bench.record import graph_us
 
 CALLS = 8
@@ -141,16 +139,8 @@ def _rank(rank: int, world: int, port: int, queue, rows_list: list[int], side_pr
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, nargs="+", default=[256, 512, 1024])
-    p.add_argument("--side-programs", type=int, nargs="+", default=[16, 32, 64, 264])
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    results = run_ranks(_rank, 2, args.rows, args.side_programs, timeout=300)
-    record = {"benchmark": "attention_allreduce_overlap", "device": torch.cuda.get_device_name(),
-              "calls_per_graph": CALLS, "unit": "us per layer", "results": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1))
+    two_rank_rows_benchmark("attention_allreduce_overlap", __doc__, _rank, "us per layer", CALLS, 300,
+                            ("--side-programs", [16, 32, 64, 264]))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.record import graph_us
+from albireo.bench.record import device_name, git_commit, graph_us
 
 LAYERS = 4
 REPEATS = 5
@@ -95,7 +95,7 @@ def main() -> None:
         except Exception as e:  # report what this torch or driver lacks, and go on
             print(f"green context of {n} SMs: {type(e).__name__}: {e}", flush=True)
 
-    record = {"benchmark": "decode_overlap", "device": torch.cuda.get_device_name(), "tp_share": args.tp,
+    record = {"benchmark": "decode_overlap", "device": device_name(), "commit": git_commit(), "tp_share": args.tp,
               "layers_per_run": LAYERS, "unit": "us per layer", "results": {}}
     for rows in args.rows:
         half = rows // 2

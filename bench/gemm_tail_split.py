@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.record import graph_us
+from albireo.bench.record import device_name, git_commit, graph_us
 
 CALLS = 8
 SHAPES = {  # name: (output features, input features)
@@ -68,7 +68,7 @@ def main() -> None:
             best = min((t, s) for s, t in times.items() if "diff" not in s)
             results[f"{name} R={rows}"] = times
             print(f"{name:12s} R={rows:5d} whole {times['whole']:7.1f} us, best {best[1]} {best[0]:7.1f}", flush=True)
-    record = {"benchmark": "gemm_tail_split", "device": torch.cuda.get_device_name(), "unit": "us per matmul",
+    record = {"benchmark": "gemm_tail_split", "device": device_name(), "commit": git_commit(), "unit": "us per matmul",
               "results": results}
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1))

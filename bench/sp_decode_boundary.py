@@ -18,8 +18,6 @@ Each GEMM and all-reduce is also timed alone, and the GEMM's remote output is ch
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import hand_back, run_ranks
+from albireo.bench.ranks import hand_back, two_rank_rows_benchmark
 from albireo.bench.record import graph_us
 
 CALLS = 8
@@ -127,15 +125,7 @@ def _rank(rank: int, world: int, port: int, queue, rows_list: list[int]) -> None
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, nargs="+", default=[256, 512, 1024])
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    results = run_ranks(_rank, 2, args.rows, timeout=300)
-    record = {"benchmark": "sp_decode_boundary", "device": torch.cuda.get_device_name(), "calls_per_graph": CALLS,
-              "unit": "us per boundary", "results": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=1))
+    two_rank_rows_benchmark("sp_decode_boundary", __doc__, _rank, "us per boundary", CALLS, 300)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,19 @@ def test_run_ranks_stops_waiting_as_soon_as_a_rank_fails():
     # Waiting out the timeout would raise queue.Empty instead.
     with pytest.raises(RuntimeError, match="rank 1 of 2 exited with code 3"):
         run_ranks(_rank_1_fails, 2, timeout=50)
+
+
+def _rank_0_reports_its_arguments(rank, world, port, queue, rows, side):
+    if rank == 0:
+        queue.put({"rows": rows, "side": side})
+
+
+def test_a_two_rank_rows_benchmark_writes_rank_0s_results_for_the_rows_and_options_asked(tmp_path, monkeypatch):
+    from albireo.bench.ranks import two_rank_rows_benchmark
+
+    out = tmp_path / "record.json"
+    monkeypatch.setattr("sys.argv", ["bench", "--rows", "8", "16", "--side", "3", "--out", str(out)])
+    two_rank_rows_benchmark("probe", "doc", _rank_0_reports_its_arguments, "us", 4, 60, ("--side", [1, 2]))
+    record = json.loads(out.read_text())
+    assert record["results"] == {"rows": [8, 16], "side": [3]}
+    assert (record["benchmark"], record["unit"], record["calls_per_graph"], record["device"]) == ("probe", "us", 4, "cpu")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import queue as queue_module
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from albireo.bench.record import device_name, git_commit
 from albireo.executor.executor import free_port
 
 
@@ -52,3 +56,22 @@ def hand_back(queue, rank: int, result) -> None:
     if rank == 0:
         queue.put(result)
     dist.destroy_process_group()
+
+
+def two_rank_rows_benchmark(name: str, doc: str, target: Callable, unit: str, calls: int, timeout: float,
+                            *options: tuple[str, list[int]]) -> None:
+    """The command line of a benchmark of two ranks swept over `--rows` (and over each option, a
+    list of whole numbers with its default): runs target(rank, world, port, queue, rows, *options)
+    under run_ranks and writes rank 0's results to `--out` as a record."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[256, 512, 1024])
+    for option, default in options:
+        parser.add_argument(option, type=int, nargs="+", default=default)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    values = [getattr(args, option.lstrip("-").replace("-", "_")) for option, _ in options]
+    results = run_ranks(target, 2, args.rows, *values, timeout=timeout)
+    record = {"benchmark": name, "device": device_name(), "commit": git_commit(), "calls_per_graph": calls,
+              "unit": unit, "results": results}
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1))
