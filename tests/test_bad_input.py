@@ -166,6 +166,13 @@ def test_parallel_config_names_the_field(kwargs, field):
         ParallelConfig(**kwargs)
 
 
+def test_cache_config_names_an_unknown_kv_cache_dtype():
+    from albireo.config import CacheConfig
+
+    with pytest.raises(ValueError, match=r"^kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2; got 'int4'$"):
+        CacheConfig(kv_cache_dtype="int4")
+
+
 # --- model directories -------------------------------------------------------------------------
 
 

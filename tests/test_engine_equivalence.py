@@ -155,6 +155,15 @@ def test_host_kv_tier_gives_same_tokens_with_blocks_cycling_through_it(tiny_mode
         assert stats.blocks_saved > 0 and stats.blocks_loaded == llm.engine.core.scheduler.kv.num_host_hits // 16
 
 
+def test_host_kv_tier_gives_same_tokens_over_an_fp8_kv_cache(tiny_model):
+    """The host tier keeps a float8 block's bytes as they are: what comes back is what was stored."""
+    path = tiny_model("llama")
+    expected, _ = run_chats(path, num_kv_blocks=12, max_model_len=192, kv_cache_dtype="fp8")
+    tokens, llm = run_chats(path, num_kv_blocks=12, max_model_len=192, kv_cache_dtype="fp8", kv_offload_gb=0.01)
+    assert tokens == expected
+    assert llm.engine.core.scheduler.kv.num_host_hits > 0
+
+
 def _recorded_plans(llm: LLM) -> list[list[int]]:
     """Each step's scheduled token counts, in plan order, from here on."""
     plans, scheduler = [], llm.engine.core.scheduler

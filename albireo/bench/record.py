@@ -65,6 +65,7 @@ def engine_facts(llm, args) -> dict:
         # Past two GPU ranks, our two-shot kernel for mid-size all-reduces, ALBIREO_TWO_SHOT_PUSH=0 off.
         "two_shot_push": (config.device == "cuda" and config.parallel.tensor_parallel_size > 2
                           and config.parallel.peer_memory and symm_all_reduce.TWO_SHOT_PUSH),
+        "kv_cache_dtype": config.cache.kv_cache_dtype,
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
         "input_len": args.input_len,

@@ -37,6 +37,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV pool's size instead of sizing it")
     g.add_argument("--kv-offload-gb", "--cpu-offload-gb", dest="kv_offload_gb", type=float, default=0.0,
                    help="GiB of host memory per rank for a second tier of KV blocks (0: off)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="the KV cache's element type: the model's (auto), or float8 (twice the blocks, half "
+                   "the bytes read; lossy, no scaling factors)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--tp-sampling", default="seq_parallel", choices=["seq_parallel", "all_gather"],
                    help="under TP: each rank samples a slice of the rows, or every rank samples all of them")

@@ -33,3 +33,12 @@ def sm_count(device: torch.device) -> int:
     if index not in _sm_counts:
         _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _sm_counts[index]
+
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def indexable(t: torch.Tensor) -> torch.Tensor:
+    """t, or a view of its bytes where torch's index_copy_ and index_select have no kernel for its
+    dtype (float8 on CPU: a KV cache of kv_cache_dtype fp8). Copying the bytes copies the values."""
+    return t.view(torch.uint8) if t.dtype in FLOAT8 else t

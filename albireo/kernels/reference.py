@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from albireo.kernels import indexable
+
 
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store k, v [T, Hk, D] at the flat cache slots [T] of caches [blocks, block_size, Hk, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """Store k, v [T, Hk, D] at the flat cache slots [T] of caches [blocks, block_size, Hk, D],
+    rounded to the caches' dtype."""
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        indexable(cache.view(-1, *cache.shape[2:])).index_copy_(0, slot_mapping, indexable(x.to(cache.dtype)))
 
 
 def paged_attention(

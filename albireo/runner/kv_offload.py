@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from albireo.kernels import indexable
 from albireo.sampling.sampler import to_device
 
 
@@ -154,7 +155,7 @@ class HostKVTier:
             for pos, first, count in runs:
                 for kv in range(2):
                     stage[kv, pos : pos + count].copy_(self.host[layer, kv, first : first + count], non_blocking=True)
-            self.kv_cache[layer].index_copy_(1, blocks, stage)
+            indexable(self.kv_cache[layer]).index_copy_(1, blocks, indexable(stage))
 
     def issue_saves(self, saves: list[tuple[int, int]]) -> None:
         if not saves:
@@ -164,7 +165,7 @@ class HostKVTier:
         for layer in range(self.kv_cache.shape[0]):
             # A fresh gather per layer: its memory returns to this stream's pool only after the
             # copies below, which run in this stream's order.
-            gathered = self.kv_cache[layer].index_select(1, blocks)
+            gathered = indexable(self.kv_cache[layer]).index_select(1, blocks).view(self.kv_cache.dtype)
             for pos, first, n in runs:
                 for kv in range(2):
                     self.host[layer, kv, first : first + n].copy_(gathered[kv, pos : pos + n], non_blocking=True)

@@ -81,6 +81,7 @@ class ModelRunner:
         self.device = device
         self.block_size = config.cache.block_size
         self.dtype = config.model.torch_dtype(device)
+        self.kv_dtype = config.cache.torch_kv_dtype(self.dtype)
         self.model = build_model(config.model, config.arch, device, config.max_model_len)
         self.sampler = Sampler()
         # Under TP, each rank samples a slice of the rows from full-vocabulary logits it gets by an
@@ -138,13 +139,13 @@ class ModelRunner:
 
     def kv_cache_bytes_per_block(self) -> int:
         layers = self.model.attention_layers()
-        per_layer = 2 * self.block_size * layers[0].num_kv_heads * layers[0].head_dim * self.dtype.itemsize
+        per_layer = 2 * self.block_size * layers[0].num_kv_heads * layers[0].head_dim * self.kv_dtype.itemsize
         return per_layer * len(layers)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         layers = self.model.attention_layers()
         shape = (len(layers), 2, num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
             layer.layer_idx = i

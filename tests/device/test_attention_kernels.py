@@ -44,7 +44,7 @@ class Batch:
     """
 
     def __init__(self, seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page, dtype,
-                 *, extra_rows=0, width=None, seed=0, device=DEVICE):  # fmt: skip
+                 *, extra_rows=0, width=None, seed=0, device=DEVICE, cache_dtype=None):  # fmt: skip
         gen = torch.Generator(device=device).manual_seed(seed)
         needed = [-(-s // page) for s in seq_lens]
         self.width = width if width is not None else max(needed + [1]) + 1
@@ -57,8 +57,8 @@ class Batch:
             used += n
         self.block_tables = tables.to(torch.int32)
         shape = (num_blocks, page, num_kv_heads, head_dim)
-        self.k_cache = torch.randn(shape, device=device, generator=gen).to(dtype)
-        self.v_cache = torch.randn(shape, device=device, generator=gen).to(dtype)
+        self.k_cache = torch.randn(shape, device=device, generator=gen).to(cache_dtype or dtype)
+        self.v_cache = torch.randn(shape, device=device, generator=gen).to(cache_dtype or dtype)
         self.qsl = [0]
         for n in query_lens:
             self.qsl.append(self.qsl[-1] + n)
@@ -178,6 +178,30 @@ def test_small_query_counts():
     b.check(b.run())
 
 
+FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("cache_dtype", FLOAT8)
+@pytest.mark.parametrize("batch", [7, 256])
+def test_decode_over_a_float8_cache(cache_dtype, batch):
+    """kv_cache_dtype fp8: the kernels read float8 keys and values (exact in bf16) for bf16 queries;
+    the reference attends over the same float8 values in float32."""
+    hq, hk, d = MODELS["llama-8b"]
+    seq_lens = ([1, 16, 17, 2048] + random_lengths(batch, 1, 2048, seed=batch))[:batch]
+    b = Batch(seq_lens, [1] * batch, hq, hk, d, 16, torch.bfloat16, extra_rows=3, seed=batch, cache_dtype=cache_dtype)
+    b.check(b.run())
+
+
+@pytest.mark.parametrize("cache_dtype", FLOAT8)
+def test_mixed_batch_over_a_float8_cache(cache_dtype):
+    hq, hk, d = MODELS["llama-1b"]
+    decodes = random_lengths(40, 1, 2048, seed=9)
+    seq_lens = decodes[:20] + [1024, 512 + 300] + decodes[20:]
+    query_lens = [1] * 20 + [1024, 300] + [1] * 20
+    b = Batch(seq_lens, query_lens, hq, hk, d, 16, torch.bfloat16, extra_rows=2, seed=13, cache_dtype=cache_dtype)
+    b.check(b.run())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_other_dtypes(dtype):
     hq, hk, d = MODELS["qwen-0.5b"]
@@ -204,8 +228,10 @@ def test_strided_query_and_flat_output():
 # write_kv
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-def test_write_kv(model):
+@pytest.mark.parametrize("model,cache_dtype", [(m, torch.bfloat16) for m in MODELS]
+                         + [("llama-8b", dtype) for dtype in FLOAT8])
+def test_write_kv(model, cache_dtype):
+    """Into a float8 cache too: the kernel rounds each value to it as torch does."""
     _, hk, d = MODELS[model]
     num_blocks, page, tokens = 64, 16, 300
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -214,13 +240,14 @@ def test_write_kv(model):
     v = qkv[:, 2 * hk * d :].view(tokens, hk, d)
     slots = torch.randperm(num_blocks * page, device=DEVICE, generator=gen)[:tokens]
     slots[::7] = -1
-    k_cache = torch.randn(num_blocks, page, hk, d, device=DEVICE, generator=gen).to(torch.bfloat16)
-    v_cache = torch.randn(num_blocks, page, hk, d, device=DEVICE, generator=gen).to(torch.bfloat16)
+    k_cache = torch.randn(num_blocks, page, hk, d, device=DEVICE, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, page, hk, d, device=DEVICE, generator=gen).to(cache_dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     keep = slots >= 0
     reference.write_kv(k[keep], v[keep], k_ref, v_ref, slots[keep])
     ta.write_kv(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,6 +261,20 @@ def test_tp_on_several_gpus_equals_tp1(tiny_model, tp, tp_sampling, all_reduce):
     assert tp_n == tp1
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
+def test_tp2_over_a_float8_kv_cache_equals_tp1_over_one(tiny_model, kv_cache_dtype):
+    """The Triton kernels store and read a float8 cache; each rank's heads round as TP=1's do."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    path = tiny_model("qwen3")
+    prompts = random_prompts(9, seed=12)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+    tokens = [_tokens_then_free(lambda tp=tp: LLM(path, dtype="float32", gpu_memory_utilization=0.3,
+                                                   kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tp),
+                                prompts, params) for tp in (1, 2)]
+    assert tokens[1] == tokens[0]
+
+
 def test_tp4_with_every_all_reduce_two_shot_equals_tp1(tiny_model, monkeypatch):
     """The tiny model's activations fit the one-shot kernel: lower its bound to zero bytes (the
     workers read it when they start) so that every all-reduce of up to 8 MiB runs our two-shot

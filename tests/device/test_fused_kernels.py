@@ -136,6 +136,27 @@ def test_rotary_float32_tight(tf):
     torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", [BF16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_rotary_stores_the_rotated_keys_and_the_values_as_write_kv_does(tf, cache_dtype):
+    """kv_cache_dtype fp8 included: each stored value is the rotated bf16 key (or the value)
+    rounded to the cache's dtype, as the unfused rotary and write_kv store it."""
+    from albireo.kernels import reference
+
+    torch.manual_seed(8)
+    _, _, hq, hk, d, theta, scaling = SHAPES["llama-3.1-8b"]
+    rope = RotaryEmbedding(d, MAX_POS, theta, scaling).cuda()
+    t, page, blocks = 300, 16, 32
+    q, k, v = _split_qkv(t, hq, hk, d)
+    positions = torch.randint(0, MAX_POS, (t,), device="cuda")
+    slots = torch.randperm(blocks * page, device="cuda")[:t]
+    k_cache, v_cache, want_k, want_v = (torch.zeros(blocks, page, hk, d, device="cuda", dtype=cache_dtype)
+                                        for _ in range(4))
+    tf.apply_rotary(positions, q, k, rope.cos, rope.sin, store_kv=(v, k_cache, v_cache, slots))
+    reference.write_kv(k, v, want_k, want_v, slots)  # k: rotated in place by the kernel
+    assert torch.equal(k_cache.view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), want_v.view(torch.uint8))
+
+
 def _torch_silu_and_mul(x):
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

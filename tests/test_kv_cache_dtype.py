@@ -1,0 +1,40 @@
+"""A float8 KV cache (kv_cache_dtype "fp8", "fp8_e4m3" or "fp8_e5m2"): what it stores, what
+attention reads from it, and how many blocks it holds."""
+
+import pytest
+import torch
+
+from albireo import LLM
+from albireo.kernels import reference
+
+FLOAT8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+@pytest.mark.parametrize("name", list(FLOAT8))
+def test_written_keys_and_values_are_rounded_to_float8_and_attention_reads_them_so(name):
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 20, 2, 8, generator=gen)
+    k_cache, v_cache = (torch.zeros(4, 8, 2, 8, dtype=FLOAT8[name]) for _ in range(2))
+    slots = torch.randperm(32, generator=gen)[:20]
+    reference.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(-1, 2, 8)[slots].float(), k.to(FLOAT8[name]).float())
+    assert torch.equal(v_cache.view(-1, 2, 8)[slots].float(), v.to(FLOAT8[name]).float())
+
+    q = torch.randn(5, 4, 8, generator=gen)
+    tables = torch.tensor([[2, 0, 3, 1]])
+    args = (tables, [0, 5], [29], 8**-0.5)
+    # The cache's float8 values, exactly: attention over them is attention over their float32 copies.
+    assert torch.equal(reference.paged_attention(q, k_cache, v_cache, *args),
+                       reference.paged_attention(q, k_cache.float(), v_cache.float(), *args))
+
+
+@pytest.mark.parametrize("name", ["fp8", "fp8_e5m2"])
+def test_a_float8_cache_holds_four_times_the_blocks_of_a_float32_one_in_the_same_memory(tiny_model, name):
+    path = tiny_model("llama")
+    blocks = {}
+    for kv_cache_dtype in ("auto", name):
+        llm = LLM(path, dtype="float32", cpu_kv_cache_gb=0.01, kv_cache_dtype=kv_cache_dtype)
+        blocks[kv_cache_dtype] = llm.engine.core.scheduler.kv.num_blocks
+        assert llm.engine.core.executor.worker.runner.kv_cache.element_size() == (4 if kv_cache_dtype == "auto" else 1)
+        llm.engine.shutdown()
+    assert 4 * blocks["auto"] <= blocks[name] < 4 * (blocks["auto"] + 1)  # each the budget // a block's bytes
