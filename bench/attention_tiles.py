@@ -10,7 +10,8 @@
 * splits: the same decode steps at 1 to 4 KV splits per sequence and at the default count;
 * batch1: batch-1 decode at 128 to 2048 keys at 1 to 16 splits (the default count is 16).
 
-    python bench/attention_tiles.py [prefill] [decode] [splits] [batch1] [--shapes NAME_PART] [--out FILE.json]
+    python bench/attention_tiles.py [prefill] [decode] [splits] [batch1] [--shapes NAME_PART]
+        [--kv-cache-dtype auto|fp8|fp8_e5m2] [--out FILE.json]
 
 (benchmarks/results/prefill-attention-* and decode-attention-* were written by its two halves
 when they were separate scripts.)
@@ -63,6 +64,9 @@ PREFILL_CONFIGS = [PrefillTiles()] + [PrefillTiles(*c) for c in itertools.produc
 DECODE_CONFIGS = [DecodeTiles()] + [DecodeTiles(*c) for c in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))]
 PAGE = 16
 CALLS = 4
+# The KV cache's dtype (--kv-cache-dtype); queries stay bf16.
+KV_DTYPES = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+kv_dtype = torch.bfloat16
 
 
 def _sweep(configs: list, run: Callable, expected: torch.Tensor, work: float) -> list[dict]:
@@ -88,8 +92,8 @@ def _cache(tokens_per_seq: int, seqs: int, hk: int, d: int, gen: torch.Generator
     width = -(-tokens_per_seq // PAGE)
     pages = seqs * width
     block_tables = torch.randperm(pages, device=dev, generator=gen).view(seqs, width).to(torch.int32)
-    k_cache = torch.randn(pages, PAGE, hk, d, device=dev, dtype=torch.bfloat16, generator=gen)
-    v_cache = torch.randn(pages, PAGE, hk, d, device=dev, dtype=torch.bfloat16, generator=gen)
+    k_cache = torch.randn(pages, PAGE, hk, d, device=dev, dtype=torch.bfloat16, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(pages, PAGE, hk, d, device=dev, dtype=torch.bfloat16, generator=gen).to(kv_dtype)
     return k_cache, v_cache, block_tables
 
 
@@ -125,7 +129,7 @@ def _decode_inputs(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: 
     seq_lens = torch.randint(shortest, longest + 1, (seqs,), device="cuda", generator=gen, dtype=torch.int32)
     q = torch.randn(seqs, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     starts = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
-    return q, k_cache, v_cache, block_tables, starts, seq_lens, 2 * int(seq_lens.sum()) * hk * d * 2
+    return q, k_cache, v_cache, block_tables, starts, seq_lens, 2 * int(seq_lens.sum()) * hk * d * k_cache.element_size()
 
 
 def sweep_decode(hq: int, hk: int, d: int, seqs: int, shortest: int, longest: int) -> dict:
@@ -185,11 +189,14 @@ def main() -> None:
                         "none is named")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--shapes", default="", help="only the shapes whose name contains this")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES))
     args = parser.parse_args()
+    global kv_dtype
+    kv_dtype = KV_DTYPES[args.kv_cache_dtype]
     if set(args.paths) - {"prefill", "decode", "splits", "batch1"}:
         parser.error(f"paths are prefill, decode, splits and batch1, not {' '.join(args.paths)}")
     record = {"benchmark": "attention_tiles", "device": device_name(), "commit": git_commit(),
-              "torch": torch.__version__, "page": PAGE, "calls_per_graph": CALLS}
+              "torch": torch.__version__, "page": PAGE, "calls_per_graph": CALLS, "kv_cache_dtype": args.kv_cache_dtype}
     for path in args.paths or ["prefill", "decode"]:
         shapes, sweep = {"prefill": (PREFILL_SHAPES, sweep_prefill), "decode": (DECODE_SHAPES, sweep_decode),
                          "splits": (DECODE_SHAPES, sweep_splits),

@@ -195,6 +195,17 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _in_dot_dtype(q, cache_ptr):
+    """q in the dtype the dots run in: its own, or float16 over a float8 cache (kv_cache_dtype fp8).
+    The GPU widens float8 to float16 in one instruction and to bfloat16 in several: the decode path
+    read a float8 cache at 2.1 TB/s that way against 2.9 for a bfloat16 one (an H100). float16 holds
+    every float8 value, and q's to more bits than bfloat16, but not past 65504."""
+    if cache_ptr.dtype.element_ty.is_fp8():
+        q = q.to(tl.float16)
+    return q
+
+
 # ---------------------------------------------------------------------------------------------
 # Mixed prefill / chunked prefill / decode
 
@@ -256,7 +267,7 @@ def _mixed_attention_kernel(
 
     token_row = (q_start + tok).to(tl.int64)
     q_ptrs = q_ptr + token_row[:, None] * stride_qt + q_head[:, None] * stride_qh + dims[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    q = _in_dot_dtype(tl.load(q_ptrs, mask=row_valid[:, None], other=0.0), k_cache_ptr)
 
     # Queries are the sequence's last tokens: token j sits at position context + j and sees keys
     # 0..context + j. Rows past the sequence end get positions >= seq_len, which only reach keys
@@ -333,7 +344,7 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     token_row = q_start.to(tl.int64)
     q_ptrs = q_ptr + token_row * stride_qt + q_head[:, None] * stride_qh + dims[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    q = _in_dot_dtype(tl.load(q_ptrs, mask=row_valid[:, None], other=0.0), k_cache_ptr)
 
     # Splits are whole KV tiles, sized from this sequence's length so the grid stays fixed; late
     # splits of a short sequence get an empty range and report lse = -inf.
