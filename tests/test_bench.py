@@ -141,6 +141,15 @@ def test_the_chart_against_vllm_takes_the_newest_run_of_the_workloads_own_model(
     assert latest(records, "W2", async_scheduling=True)["output_tokens_per_s"] == 10272.0
 
 
+def test_the_chart_against_vllm_leaves_out_runs_over_a_float8_kv_cache():
+    from albireo.bench.plots import H100, latest
+
+    run = {"device": H100, "workload": "W5", "model": "llama-3.2-1b", "tp": 1, "async_scheduling": True}
+    records = [{**run, "date": "2026-11-28T02:14", "kv_cache_dtype": "auto", "output_tokens_per_s": 96182.6},
+               {**run, "date": "2026-11-28T02:15", "kv_cache_dtype": "fp8", "output_tokens_per_s": 100231.9}]
+    assert latest(records, "W5", async_scheduling=True)["output_tokens_per_s"] == 96182.6
+
+
 def _rank_1_fails(rank, world, port, queue):
     if rank == 1:
         raise SystemExit(3)

@@ -26,10 +26,10 @@ def per_mode(record: dict) -> list[dict]:
 
 def latest(records: list[dict], workload: str, async_scheduling: bool) -> dict | None:
     """The newest TP=1 H100 run of a workload on its own model in one mode (A/B runs with PDL, copy
-    streams or the matmul's residual add off, or under a changed environment, and runs of one TP
-    rank's share of the model, do not count)."""
+    streams or the matmul's residual add off, or under a changed environment, runs of one TP rank's
+    share of the model, and runs over a float8 KV cache, do not count)."""
     runs = [r for r in records if r.get("workload") == workload and r.get("model") == MODEL[workload]
-            and r.get("tp", 1) == 1 and r.get("pdl", True)
+            and r.get("tp", 1) == 1 and r.get("pdl", True) and r.get("kv_cache_dtype", "auto") == "auto"
             and r.get("copy_streams", True) and r.get("gemm_residual", True) and "environment" not in r
             and r.get("device") == H100 and r.get("async_scheduling") == async_scheduling]
     return max(runs, key=lambda r: r["date"], default=None)
