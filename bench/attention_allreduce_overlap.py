@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import hand_back, two_rank_rows_benchmark
+from albireo.bench.ranks import file_times, hand_back, two_rank_rows_benchmark
 from albireo.bench.record import graph_us
 
 CALLS = 8
@@ -131,10 +131,7 @@ def _rank(rank: int, world: int, port: int, queue, rows_list: list[int], side_pr
         for programs in side_programs:
             times[f"overlap side {programs}"] = graph_us(repeat(lambda p=programs: overlap(p)), CALLS)
             times[f"overlap side {programs} max |diff|"] = check(lambda p=programs: overlap(p))
-        dist.barrier()
-        results[f"R={rows}"] = times
-        if rank == 0:
-            print(f"R={rows:5d} " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()), flush=True)
+        file_times(results, f"R={rows}", times, rank)
     hand_back(queue, rank, results)
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import hand_back, two_rank_rows_benchmark
+from albireo.bench.ranks import file_times, hand_back, two_rank_rows_benchmark
 from albireo.bench.record import graph_us
 
 CALLS = 4
@@ -158,10 +158,7 @@ def _rank(rank: int, world: int, port: int, queue, rows_list: list[int]) -> None
         times["gate_up tp"] = per_layer(lambda: [x_full @ v["gate_up"].t() for v in weights["tp"]])
         times["gate_up R/2 tp"] = per_layer(lambda: [x_half @ v["gate_up"].t() for v in weights["tp"]])
         times["halving tp1"] = times["tp1"] / 2
-        dist.barrier()
-        results[f"R={rows}"] = times
-        if rank == 0:
-            print(f"R={rows:5d} " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()), flush=True)
+        file_times(results, f"R={rows}", times, rank)
     hand_back(queue, rank, results)
 
 

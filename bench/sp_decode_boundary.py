@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from albireo.bench.ranks import hand_back, two_rank_rows_benchmark
+from albireo.bench.ranks import file_times, hand_back, two_rank_rows_benchmark
 from albireo.bench.record import graph_us
 
 CALLS = 8
@@ -117,10 +117,7 @@ def _rank(rank: int, world: int, port: int, queue, rows_list: list[int]) -> None
             expected = torch.matmul(x[half:], w1.t())
             landed = landing[: half * HIDDEN].view(half, HIDDEN)
             times["remote output max |diff|"] = (landed - expected).abs().max().item()
-            dist.barrier()
-            results[f"R={rows} {name}"] = times
-            if rank == 0:
-                print(f"R={rows:5d} {name:18s} " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()), flush=True)
+            file_times(results, f"R={rows} {name}", times, rank)
     hand_back(queue, rank, results)
 
 

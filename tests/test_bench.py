@@ -162,17 +162,24 @@ def test_run_ranks_stops_waiting_as_soon_as_a_rank_fails():
         run_ranks(_rank_1_fails, 2, timeout=50)
 
 
-def _rank_0_reports_its_arguments(rank, world, port, queue, rows, side):
-    if rank == 0:
-        queue.put({"rows": rows, "side": side})
+def _ranks_time_their_arguments(rank, world, port, queue, rows, side):
+    import torch.distributed as dist
+
+    from albireo.bench.ranks import file_times, hand_back
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for r in rows:
+        file_times(results, f"R={r}", {"side": float(sum(side)), "rank": float(rank)}, rank)
+    hand_back(queue, rank, results)
 
 
-def test_a_two_rank_rows_benchmark_writes_rank_0s_results_for_the_rows_and_options_asked(tmp_path, monkeypatch):
+def test_a_two_rank_rows_benchmark_records_rank_0s_times_for_the_rows_and_options_asked(tmp_path, monkeypatch):
     from albireo.bench.ranks import two_rank_rows_benchmark
 
     out = tmp_path / "record.json"
     monkeypatch.setattr("sys.argv", ["bench", "--rows", "8", "16", "--side", "3", "--out", str(out)])
-    two_rank_rows_benchmark("probe", "doc", _rank_0_reports_its_arguments, "us", 4, 60, ("--side", [1, 2]))
+    two_rank_rows_benchmark("probe", "doc", _ranks_time_their_arguments, "us", 4, 60, ("--side", [1, 2]))
     record = json.loads(out.read_text())
-    assert record["results"] == {"rows": [8, 16], "side": [3]}
+    assert record["results"] == {"R=8": {"side": 3.0, "rank": 0.0}, "R=16": {"side": 3.0, "rank": 0.0}}
     assert (record["benchmark"], record["unit"], record["calls_per_graph"], record["device"]) == ("probe", "us", 4, "cpu")

@@ -49,6 +49,15 @@ def run_ranks(target: Callable, world: int, *args, timeout: float | None = 240):
                 p.kill()
 
 
+def file_times(results: dict, key: str, times: dict, rank: int) -> None:
+    """Once every rank has timed `key` (a barrier, so that none is still timing against a peer),
+    file its times under it, and print them on rank 0."""
+    dist.barrier()
+    results[key] = times
+    if rank == 0:
+        print(f"{key} " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()), flush=True)
+
+
 def hand_back(queue, rank: int, result) -> None:
     """A rank's last step under run_ranks: once every rank is done (a barrier, so that none still
     reads a peer's memory), rank 0 puts `result` on the queue, and every rank leaves the group."""
