@@ -32,19 +32,6 @@ def test_tp_greedy_equals_tp1(tiny_model, tp, name):
     assert got == expected
 
 
-def test_tp2_over_an_fp8_kv_cache_equals_tp1_over_one(tiny_model):
-    """Each rank stores its KV heads rounded to float8 as TP=1 stores them all, so the tokens agree."""
-    path = tiny_model("llama")
-    prompts = random_prompts(4, seed=2)
-    expected = [o.outputs[0].token_ids for o in LLM(path, kv_cache_dtype="fp8").generate(prompts, GREEDY, use_tqdm=False)]
-    llm = LLM(path, tensor_parallel_size=2, kv_cache_dtype="fp8")
-    try:
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    finally:
-        llm.engine.shutdown()
-    assert got == expected
-
-
 MIXED = [
     SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True),
     SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3),
