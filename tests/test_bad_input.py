@@ -394,3 +394,24 @@ def test_rejected_batch_runs_nothing(llm):
     assert not llm.engine.has_unfinished_requests()
     outs = llm.generate([ids(5), ids(6)], good, use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
+
+
+def test_a_gguf_file_is_parsed_once_while_unchanged_and_again_once_rewritten(tmp_path):
+    from albireo.config import read_gguf
+
+    path = tmp_path / "tiny.gguf"
+
+    def write(hidden: int) -> None:
+        writer = GGUFWriter(str(path), "llama")
+        writer.add_embedding_length(hidden)
+        writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write(32)
+    first = read_gguf(str(path))
+    assert read_gguf(str(path)) is first  # the shape's read and the weights' share one parse
+    write(48)
+    assert read_gguf(str(path)).fields["llama.embedding_length"].contents() == 48

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from albireo.config import ArchConfig, ModelConfig
+from albireo.config import ArchConfig, ModelConfig, read_gguf
 from albireo.model.llama import LlamaForCausalLM
 
 # GGUF tensor names (per block after "blk.N.") -> HF names (after "model.layers.N.").
@@ -92,12 +92,9 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def iter_gguf(path: str, arch: ArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize each GGUF tensor to float32 and give it its HF name."""
-    from gguf import GGUFReader, dequantize
+    from gguf import dequantize
 
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError) as e:
-        raise ValueError(f"GGUF file {path} is unreadable (truncated or corrupt): {e}") from e
+    reader = read_gguf(path)
     # llama.cpp stores Llama/Mistral q and k rows interleaved for its rotary layout; undo that.
     permuted = arch.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
     for tensor in reader.tensors:
