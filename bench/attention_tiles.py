@@ -11,7 +11,7 @@
 * batch1: batch-1 decode at 128 to 2048 keys at 1 to 16 splits (the default count is 16).
 
     python bench/attention_tiles.py [prefill] [decode] [splits] [batch1] [--shapes NAME_PART]
-        [--kv-cache-dtype auto|fp8|fp8_e5m2] [--out FILE.json]
+        [--kv-cache-dtype auto|fp8|fp8_e4m3|fp8_e5m2] [--out FILE.json]
 
 (benchmarks/results/prefill-attention-* and decode-attention-* were written by its two halves
 when they were separate scripts.)
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from albireo.bench.record import device_name, git_commit, graph_us
+from albireo.config import KV_CACHE_DTYPES
 from albireo.kernels.triton_attention import (
     SPLIT_DECODE_TILES,
     DecodeTiles,
@@ -64,8 +65,7 @@ PREFILL_CONFIGS = [PrefillTiles()] + [PrefillTiles(*c) for c in itertools.produc
 DECODE_CONFIGS = [DecodeTiles()] + [DecodeTiles(*c) for c in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))]
 PAGE = 16
 CALLS = 4
-# The KV cache's dtype (--kv-cache-dtype); queries stay bf16.
-KV_DTYPES = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# The KV cache's dtype (--kv-cache-dtype, the engine's names); queries stay bf16.
 kv_dtype = torch.bfloat16
 
 
@@ -189,10 +189,10 @@ def main() -> None:
                         "none is named")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--shapes", default="", help="only the shapes whose name contains this")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES))
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES))
     args = parser.parse_args()
     global kv_dtype
-    kv_dtype = KV_DTYPES[args.kv_cache_dtype]
+    kv_dtype = KV_CACHE_DTYPES[args.kv_cache_dtype] or torch.bfloat16
     if set(args.paths) - {"prefill", "decode", "splits", "batch1"}:
         parser.error(f"paths are prefill, decode, splits and batch1, not {' '.join(args.paths)}")
     record = {"benchmark": "attention_tiles", "device": device_name(), "commit": git_commit(),

@@ -5,20 +5,20 @@ import pytest
 import torch
 
 from albireo import LLM
+from albireo.config import KV_CACHE_DTYPES
 from albireo.kernels import reference
 
-FLOAT8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
-
-@pytest.mark.parametrize("name", list(FLOAT8))
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
 def test_written_keys_and_values_are_rounded_to_float8_and_attention_reads_them_so(name):
+    float8 = KV_CACHE_DTYPES[name]
     gen = torch.Generator().manual_seed(0)
     k, v = torch.randn(2, 20, 2, 8, generator=gen)
-    k_cache, v_cache = (torch.zeros(4, 8, 2, 8, dtype=FLOAT8[name]) for _ in range(2))
+    k_cache, v_cache = (torch.zeros(4, 8, 2, 8, dtype=float8) for _ in range(2))
     slots = torch.randperm(32, generator=gen)[:20]
     reference.write_kv(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache.view(-1, 2, 8)[slots].float(), k.to(FLOAT8[name]).float())
-    assert torch.equal(v_cache.view(-1, 2, 8)[slots].float(), v.to(FLOAT8[name]).float())
+    assert torch.equal(k_cache.view(-1, 2, 8)[slots].float(), k.to(float8).float())
+    assert torch.equal(v_cache.view(-1, 2, 8)[slots].float(), v.to(float8).float())
 
     q = torch.randn(5, 4, 8, generator=gen)
     tables = torch.tensor([[2, 0, 3, 1]])
